@@ -1,0 +1,265 @@
+"""Configuration: pydantic models for the YAML file, and the loader that turns mistakes into one readable line."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+
+class ConfigError(Exception):
+    """A config problem the operator can fix; the message names the key."""
+
+
+# ---------------------------------------------------------------- durations
+
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `30s`, `50m`, `1h30m`, Concord's `"50 minutes"`, or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 50m or '50 minutes'")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as 30s, 50m or '50 minutes'")
+    text = value.strip().lower()
+    total, position = 0.0, 0
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if not part or part.end() == position or part.group(2) not in _DURATION_UNITS | {"": 1}:
+            raise ValueError(f"{value!r} is not a duration; use e.g. 30s, 50m, 1h or '50 minutes'")
+        total += float(part.group(1)) * _DURATION_UNITS.get(part.group(2), 1)
+        position = part.end()
+    if position == 0:
+        raise ValueError("empty duration")
+    return total
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+# ---------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    # camelCase keys as in Concord; unknown keys are errors, so a typo never silently does nothing.
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$")
+
+
+class UpstreamConfig(_Model):
+    """A host the proxy may connect to. Nothing else is ever contacted for git traffic."""
+
+    host: str
+    url: str = ""  # empty means https://<host>; filled in by the validator below
+    anonymous: bool = True
+    connect_timeout: Duration = 10.0
+    # Between two reads, not for the whole transfer: a large clone may take an hour and must not be cut off.
+    read_timeout: Duration = 300.0
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_plain(cls, host: str) -> str:
+        host = host.strip().lower()
+        if not _HOST_RE.match(host):
+            raise ValueError(f"{host!r} is not a plain host[:port] (no scheme, path or user)")
+        return host
+
+    @model_validator(mode="after")
+    def _default_url(self) -> UpstreamConfig:
+        url = (self.url or f"https://{self.host}").rstrip("/")
+        if not re.match(r"^https?://[^/@\s]+(/[^\s?#]*)?$", url):
+            raise ValueError(f"url {url!r} must be http(s)://host[:port][/path] without credentials")
+        object.__setattr__(self, "url", url)
+        return self
+
+
+class TlsConfig(_Model):
+    ca_file: Path | None = None
+
+
+class OAuthTokenEntry(_Model):
+    """A static token (a PAT, a bot token) used for every repo that `urlPattern` matches."""
+
+    type: Literal["OAUTH_TOKEN"] = "OAUTH_TOKEN"
+    id: str = "github-oauth-token"
+    url_pattern: str
+    username: str = "x-access-token"
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr) -> SecretStr:
+        if not token.get_secret_value().strip():
+            raise ValueError("token is empty (is the environment variable set?)")
+        return SecretStr(token.get_secret_value().strip())
+
+
+def _entry_type(value: Any) -> str:
+    # Concord reads `type` case-insensitively; normalise it before pydantic picks the model.
+    raw = value.get("type", "") if isinstance(value, Mapping) else getattr(value, "type", "")
+    return str(raw).strip().upper()
+
+
+def _normalise_type(value: Any) -> Any:
+    if isinstance(value, Mapping) and "type" in value:
+        return {**value, "type": _entry_type(value)}
+    return value
+
+
+AuthEntry = Annotated[
+    Annotated[OAuthTokenEntry, Tag("OAUTH_TOKEN")],
+    Discriminator(_entry_type, custom_error_type="unknown_type",
+                  custom_error_message="unknown type; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"),
+    BeforeValidator(_normalise_type),
+]  # fmt: skip
+
+
+class AppInstallationConfig(_Model):
+    http_client_timeout: Duration = 30.0
+    system_auth_cache_duration: Duration = 3000.0
+    system_auth_cache_max_weight: int = Field(default=10_000, ge=1)
+    auth: list[AuthEntry] = []
+
+    @model_validator(mode="after")
+    def _ids_unique(self) -> AppInstallationConfig:
+        seen: set[str] = set()
+        for entry in self.auth:
+            if entry.id in seen:
+                raise ValueError(f"duplicate auth entry id {entry.id!r}; give each entry its own id")
+            seen.add(entry.id)
+        return self
+
+
+class GitHubConfig(_Model):
+    app_installation: AppInstallationConfig = AppInstallationConfig()
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig(host="github.com")])
+    tls: TlsConfig = TlsConfig()
+    github: GitHubConfig = GitHubConfig()
+
+    @property
+    def auth(self) -> list[OAuthTokenEntry]:
+        return self.github.app_installation.auth
+
+    @model_validator(mode="after")
+    def _upstreams_unique(self) -> Config:
+        hosts = [u.host for u in self.upstreams]
+        duplicates = {h for h in hosts if hosts.count(h) > 1}
+        if duplicates:
+            raise ValueError(f"upstream host listed twice: {', '.join(sorted(duplicates))}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, location: str) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string; a missing variable names its key."""
+    if isinstance(value, str):
+
+        def substitute(ref: re.Match[str]) -> str:
+            name, default = ref.group(1), ref.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{location}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{location}.{k}" if location else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{location}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("OAUTH_TOKEN", "GITHUB_APP_INSTALLATION"):
+            continue  # the discriminator tag pydantic puts in the path; the user never wrote it
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "unknown_type":
+            message = f"unknown type {item['input'].get('type')!r}; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"
+        lines.append(f"{_format_location(item['loc'])}: {message.removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate already-loaded YAML data; every problem is one line naming its key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(_expand_env(data, ""))
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid configuration\n{_describe(error)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path))

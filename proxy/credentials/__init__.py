@@ -1,0 +1,43 @@
+"""Credentials: where a token comes from. Every source implements `CredentialSource`; `forward` knows no other."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from ..routing import RepoRef
+
+Origin = Literal["static", "cached", "minted"]
+
+
+@dataclass(frozen=True, repr=False)
+class Credential:
+    """A username and token for one upstream request. `repr` never shows the token."""
+
+    username: str
+    token: str
+    origin: Origin
+    # Computed once per token, not per request: the hot path only copies a string.
+    authorization: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        basic = base64.b64encode(f"{self.username}:{self.token}".encode()).decode("ascii")
+        object.__setattr__(self, "authorization", f"Basic {basic}")
+
+    def __repr__(self) -> str:
+        return f"Credential(username={self.username!r}, token=<redacted>, origin={self.origin!r})"
+
+
+class CredentialSource(Protocol):
+    """One per auth entry. `get_credential` must be a dictionary hit when warm: it runs on every request."""
+
+    entry_id: str
+
+    async def get_credential(self, repo: RepoRef) -> Credential: ...
+
+    async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
+        """Upstream rejected `credential`: drop it. True when asking again may give a different one."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,68 @@
+"""Logs: redaction lives in the logging layer itself, so even a careless `log.info(headers)` leaks no secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # GitHub tokens: ghs_ (installation, including the long stateless form with dots), ghp_, gho_, ghu_, ghr_.
+    (re.compile(r"\b(gh[pousr]_)[A-Za-z0-9_.\-]+"), r"\1<redacted>"),
+    (re.compile(r"\bgithub_pat_[A-Za-z0-9_]+"), "github_pat_<redacted>"),
+    (re.compile(r"(?i)\b(basic|bearer|token)(\s+)[A-Za-z0-9+/=._\-]{6,}"), r"\1\2<redacted>"),
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=,]\s*['\"]?)[^'\"\s,}]+"), r"\1<redacted>"),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"), "<jwt redacted>"),
+    (
+        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
+        "<private key redacted>",
+    ),
+    (re.compile(r"(://)[^/\s@]+@"), r"\1<redacted>@"),  # userinfo in URLs
+)
+
+
+class Redactor:
+    """Known secrets (static tokens from the config) are replaced exactly; shapes of secrets by pattern."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        self._secrets.update(secret for secret in secrets if len(secret) >= 4)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        for pattern, replacement in _REDACTIONS:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites the fully formatted message and any traceback text before a handler sees them."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redactor.redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self.redactor.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redactor:
+    """Logs go to stderr, every line redacted. Returns the redactor so later-known secrets can be added."""
+    redactor = Redactor()
+    redactor.add_secrets(secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(redactor))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return redactor

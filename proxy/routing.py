@@ -1,0 +1,207 @@
+"""Routing: a request path becomes an upstream URL, a repo and the auth entry that serves it, or a refusal."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .config import AuthEntry, ConfigError, UpstreamConfig
+from .errors import (
+    AnonymousRefused,
+    BadRequestPath,
+    HostNotAllowed,
+    MethodNotAllowed,
+    NotAGitEndpoint,
+)
+
+MAX_PATH_LENGTH = 2048
+# GitHub's own character set for owners and repos; everything else (and so every encoding trick) is refused.
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_HOST_SEGMENT = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?$")
+
+
+class Service(StrEnum):
+    UPLOAD_PACK = "upload-pack"
+    RECEIVE_PACK = "receive-pack"
+    LFS = "lfs"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One git endpoint: the path segments after the repo and what it is for."""
+
+    segments: tuple[str, ...]
+    methods: frozenset[str]
+    service: Service | None  # None: decided by the `service=` query (info/refs)
+
+
+_WILDCARD = "*"  # one segment of any allowed value (an LFS lock id)
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(("info", "refs"), frozenset({"GET"}), None),
+    Endpoint(("git-upload-pack",), frozenset({"POST"}), Service.UPLOAD_PACK),
+    Endpoint(("git-receive-pack",), frozenset({"POST"}), Service.RECEIVE_PACK),
+    Endpoint(("info", "lfs", "objects", "batch"), frozenset({"POST"}), Service.LFS),
+    Endpoint(("info", "lfs", "locks"), frozenset({"GET", "POST"}), Service.LFS),
+    Endpoint(("info", "lfs", "locks", "verify"), frozenset({"POST"}), Service.LFS),
+    Endpoint(("info", "lfs", "locks", _WILDCARD, "unlock"), frozenset({"POST"}), Service.LFS),
+)
+_INFO_REFS_SERVICES = {
+    "service=git-upload-pack": Service.UPLOAD_PACK,
+    "service=git-receive-pack": Service.RECEIVE_PACK,
+}
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """The repo a request is for, as GitHub names it (no `.git`)."""
+
+    host: str
+    owner: str
+    name: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.owner}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Route:
+    upstream: UpstreamConfig
+    repo: RepoRef
+    entry: AuthEntry | None
+    service: Service
+    url: str  # the upstream URL, with the only query string the endpoint may carry
+    proxy_prefix: str  # "/<host>": where upstream paths live on this proxy, for rewriting redirects
+
+
+# ---------------------------------------------------------------- url patterns
+
+# A Java named group `(?<name>` (the name starts with a letter) that is not escaped by an odd run of backslashes.
+# Lookbehinds `(?<=` and `(?<!` start with `=`/`!`, so they are left alone.
+_JAVA_NAMED_GROUP = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z])")
+
+
+def translate_java_regex(pattern: str) -> str:
+    return _JAVA_NAMED_GROUP.sub(r"\1(?P<", pattern)
+
+
+def compile_url_pattern(entry_id: str, pattern: str) -> re.Pattern[str]:
+    """Concord's semantics: a full match of `pattern + ".*"`, i.e. a prefix match, case-insensitive like GitHub."""
+    try:
+        compiled = re.compile(f"(?:{translate_java_regex(pattern)}).*", re.IGNORECASE | re.DOTALL)
+    except re.error as error:
+        raise ConfigError(f"auth entry {entry_id!r}: urlPattern {pattern!r} does not compile: {error}") from None
+    if "baseUrl" not in compiled.groupindex:
+        raise ConfigError(
+            f"auth entry {entry_id!r}: urlPattern {pattern!r} has no (?<baseUrl>...) group "
+            "marking where the repo path starts"
+        )
+    return compiled
+
+
+@dataclass(frozen=True)
+class _Rule:
+    entry: AuthEntry
+    pattern: re.Pattern[str]
+
+
+# ---------------------------------------------------------------- the router
+
+
+class Router:
+    """Built once per config; `resolve_route` is pure and does no I/O."""
+
+    def __init__(self, upstreams: Sequence[UpstreamConfig], entries: Sequence[AuthEntry]) -> None:
+        self._upstreams = {upstream.host: upstream for upstream in upstreams}
+        self._rules = [_Rule(entry, compile_url_pattern(entry.id, entry.url_pattern)) for entry in entries]
+
+    @property
+    def upstream_hosts(self) -> list[str]:
+        return list(self._upstreams)
+
+    def resolve_route(self, method: str, raw_path: str, query_string: str) -> Route:
+        host, repo_path, endpoint_segments = _split_path(raw_path)
+        upstream = self._upstreams.get(host.lower())
+        if upstream is None:
+            raise HostNotAllowed(f"host {host!r} is not an allowed upstream of this proxy")
+        endpoint = _match_endpoint(endpoint_segments)
+        if method not in endpoint.methods:
+            raise MethodNotAllowed(f"{method} is not allowed on {'/'.join(endpoint_segments)}")
+        service, query = _service_and_query(endpoint, query_string)
+        entry, repo = self.match_entry(upstream.host, repo_path)
+        if entry is None and not upstream.anonymous:
+            raise AnonymousRefused(
+                f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled"
+            )
+        url = f"{upstream.url}/{'/'.join((*repo_path, *endpoint_segments))}"
+        return Route(upstream, repo, entry, service, f"{url}?{query}" if query else url, f"/{host}")
+
+    def match_entry(self, host: str, repo_path: Sequence[str]) -> tuple[AuthEntry | None, RepoRef]:
+        """The first entry whose pattern matches `host/path` wins; owner/repo follow its `baseUrl`."""
+        target = f"{host}/{'/'.join(repo_path)}"
+        for rule in self._rules:
+            match = rule.pattern.fullmatch(target)
+            if match:
+                return rule.entry, _repo_after(host, target[match.end("baseUrl") :], rule.entry.id)
+        return None, _repo_after(host, "/".join(repo_path), None)
+
+
+def _split_path(raw_path: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """`/<host>/<repo path...>/<endpoint...>` checked strictly, segment by segment, before anything else."""
+    if len(raw_path) > MAX_PATH_LENGTH:
+        raise BadRequestPath(f"request path longer than {MAX_PATH_LENGTH} bytes")
+    if not raw_path.startswith("/"):
+        raise BadRequestPath("only origin-form request targets (/host/owner/repo/...) are accepted")
+    segments = raw_path[1:].split("/")
+    host, rest = segments[0], segments[1:]
+    if not _HOST_SEGMENT.match(host):
+        raise BadRequestPath(f"{host!r} is not a host; use /<host>/<owner>/<repo>.git")
+    for segment in rest:
+        if not _SEGMENT.match(segment) or segment in (".", ".."):
+            raise BadRequestPath(f"path segment {segment!r} is not allowed")
+    for length in range(len(rest) - 1, 1, -1):  # the shortest endpoint suffix after at least owner/repo
+        if _find_endpoint(tuple(rest[length:])) is not None:
+            return host, tuple(rest[:length]), tuple(rest[length:])
+    raise NotAGitEndpoint(
+        "only git smart-HTTP endpoints (info/refs, git-upload-pack, git-receive-pack) and the LFS API are proxied"
+    )
+
+
+def _find_endpoint(segments: tuple[str, ...]) -> Endpoint | None:
+    for endpoint in ENDPOINTS:
+        if len(endpoint.segments) == len(segments) and all(
+            want in (_WILDCARD, got) for want, got in zip(endpoint.segments, segments, strict=True)
+        ):
+            return endpoint
+    return None
+
+
+def _match_endpoint(segments: tuple[str, ...]) -> Endpoint:
+    endpoint = _find_endpoint(segments)
+    assert endpoint is not None  # _split_path only splits where an endpoint is
+    return endpoint
+
+
+def _service_and_query(endpoint: Endpoint, query_string: str) -> tuple[Service, str]:
+    if endpoint.service is None:
+        service = _INFO_REFS_SERVICES.get(query_string)
+        if service is None:
+            raise NotAGitEndpoint(
+                "info/refs needs ?service=git-upload-pack or git-receive-pack; dumb HTTP is not proxied"
+            )
+        return service, query_string
+    # Only LFS lock listings carry a query (path, id, cursor, limit, refspec); git's POSTs never do.
+    return endpoint.service, query_string if endpoint.service is Service.LFS else ""
+
+
+def _repo_after(host: str, path_after_base: str, entry_id: str | None) -> RepoRef:
+    parts = [part for part in path_after_base.split("/") if part]
+    if len(parts) < 2:
+        where = f"after the baseUrl of entry {entry_id!r}" if entry_id else "after the host"
+        raise BadRequestPath(f"no <owner>/<repo> {where}")
+    return RepoRef(host, parts[0], parts[1].removesuffix(".git"))

@@ -1,0 +1,207 @@
+"""A fake GitHub for tests and the demo: real git over smart HTTP, GitHub's Basic-auth rules, and a record of traffic."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .git_backend import find_http_backend, serve_with_http_backend
+from .gitcli import git_env, run_git_sync
+
+_GIT_PATH = re.compile(
+    r"^/(?P<owner>[A-Za-z0-9._-]+)/(?P<repo>[A-Za-z0-9._-]+?)(?:\.git)?"
+    r"/(?P<endpoint>info/refs|git-upload-pack|git-receive-pack|info/lfs/objects/batch|info/lfs/locks.*)$"
+)
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """One request as the fake received it. `token` is kept so tests can check exactly what was sent."""
+
+    method: str
+    path: str
+    query: str
+    username: str | None
+    token: str | None
+    authorized: bool
+    status: int
+    headers: Mapping[str, str]
+
+    @property
+    def carried_credentials(self) -> bool:
+        return self.token is not None
+
+    @property
+    def is_git(self) -> bool:
+        return bool(_GIT_PATH.match(self.path))
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self.headers.get("Content-Encoding")
+
+    @property
+    def chunked(self) -> bool:
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+
+
+@dataclass
+class TokenGrant:
+    """What a token may do: which repos (lowercase owner/repo; None for all) and whether it may push."""
+
+    token: str
+    repos: frozenset[str] | None = None
+    write: bool = True
+
+    def covers(self, full_name: str) -> bool:
+        return self.repos is None or full_name.lower() in self.repos
+
+
+@dataclass
+class FakeGitHub:
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fake-github-")))
+    seen: list[SeenRequest] = field(default_factory=list)
+    grants: dict[str, TokenGrant] = field(default_factory=dict)
+    public_repos: set[str] = field(default_factory=set)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    def __post_init__(self) -> None:
+        self.repos_root = self.root / "repos"
+        self.repos_root.mkdir(parents=True, exist_ok=True)
+        self._backend = find_http_backend()
+
+    # ------------------------------------------------------------ set-up
+
+    def add_token(self, token: str, repos: Iterable[str] | None = None, *, write: bool = True) -> TokenGrant:
+        grant = TokenGrant(token, frozenset(r.lower() for r in repos) if repos is not None else None, write)
+        self.grants[token] = grant
+        return grant
+
+    def repo_path(self, full_name: str) -> Path:
+        owner, name = full_name.lower().split("/")
+        return self.repos_root / owner / f"{name}.git"
+
+    def create_repo(
+        self, full_name: str, files: Mapping[str, bytes] | None = None, *, public: bool = False, branch: str = "main"
+    ) -> Path:
+        """A bare repo, with one commit holding `files` when given."""
+        bare = self.repo_path(full_name)
+        env = git_env(self.root / "home")
+        run_git_sync("init", "--quiet", "--bare", f"--initial-branch={branch}", str(bare), env=env).check()
+        run_git_sync("config", "http.receivepack", "true", env=env, cwd=bare).check()
+        if public:
+            self.public_repos.add(full_name.lower())
+        if files:
+            with tempfile.TemporaryDirectory(dir=self.root) as work:
+                worktree = Path(work)
+                run_git_sync("init", "--quiet", f"--initial-branch={branch}", env=env, cwd=worktree).check()
+                for name, content in files.items():
+                    (worktree / name).parent.mkdir(parents=True, exist_ok=True)
+                    (worktree / name).write_bytes(content)
+                run_git_sync("add", "-A", env=env, cwd=worktree).check()
+                run_git_sync("commit", "--quiet", "-m", "initial commit", env=env, cwd=worktree).check()
+                run_git_sync("push", "--quiet", str(bare), branch, env=env, cwd=worktree).check()
+        return bare
+
+    # ------------------------------------------------------------ queries for tests
+
+    @property
+    def git_requests(self) -> list[SeenRequest]:
+        return [seen for seen in self.seen if seen.is_git]
+
+    # ------------------------------------------------------------ serving
+
+    def make_app(self) -> web.Application:
+        # As on the proxy, bodies stay compressed so tests can see exactly what arrived.
+        app = web.Application(handler_args={"auto_decompress": False})
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_port = self._runner.addresses[0][1]
+        self.url = f"http://{host}:{bound_port}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        username, token = _basic_credentials(request)
+        response = await self._respond(request, username, token)
+        self.seen.append(
+            SeenRequest(
+                request.method, request.path, request.query_string, username, token,
+                authorized=token in self.grants, status=response.status, headers=dict(request.headers),
+            )
+        )  # fmt: skip
+        return response
+
+    async def _respond(self, request: web.Request, username: str | None, token: str | None) -> web.StreamResponse:
+        match = _GIT_PATH.match(request.path)
+        if not match:
+            return web.json_response({"message": "Not Found"}, status=404)
+        full_name = f"{match['owner']}/{match['repo']}".lower()
+        push = match["endpoint"] == "git-receive-pack" or request.query_string == "service=git-receive-pack"
+        refusal = self._authorize(full_name, token, push)
+        if refusal is not None:
+            return refusal
+        if not self.repo_path(full_name).is_dir():
+            return _text(404, "Repository not found.")
+        if match["endpoint"].startswith("info/lfs/"):
+            return await _lfs_answer(request)
+        path_info = f"/{full_name}.git/{match['endpoint']}"
+        return await serve_with_http_backend(request, self.repos_root, path_info, username or "anonymous", self._backend)
+
+    def _authorize(self, full_name: str, token: str | None, push: bool) -> web.Response | None:
+        """GitHub's rules: bad or missing credentials on a private repo are a 401 that asks for Basic auth."""
+        grant = self.grants.get(token) if token is not None else None
+        if grant is None:
+            if token is None and full_name in self.public_repos and not push:
+                return None
+            return web.Response(
+                status=401, text="Invalid username or token.\n", headers={"WWW-Authenticate": 'Basic realm="GitHub"'}
+            )
+        if not grant.covers(full_name):
+            return _text(404, "Repository not found.")
+        if push and not grant.write:
+            return _text(403, f"Permission to {full_name} denied.")
+        return None
+
+
+def _basic_credentials(request: web.Request) -> tuple[str | None, str | None]:
+    header = request.headers.get("Authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        username, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    return username, password
+
+
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
+async def _lfs_answer(request: web.Request) -> web.Response:
+    """Enough of the LFS batch API to prove a request arrived with credentials: every object is missing."""
+    body = await request.json() if request.body_exists else {}
+    objects = [
+        {"oid": item.get("oid"), "size": item.get("size"), "error": {"code": 404, "message": "Object does not exist"}}
+        for item in body.get("objects", [])
+    ]
+    return web.json_response({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")

@@ -1,0 +1,117 @@
+"""Fixtures: a fake GitHub served by real `git http-backend`, the proxy in front of it, and an isolated git CLI."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.pytest_plugin import AiohttpServer
+
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.testing import FakeGitHub, GitResult, git_env, run_git
+
+STATIC_TOKEN = "static-test-token-1234"
+PRIVATE_FILES = {"README.md": b"# private\n", "src/app.py": b"print('hello')\n"}
+
+
+@pytest.fixture
+async def fake_github(tmp_path: Path) -> AsyncIterator[FakeGitHub]:
+    fake = FakeGitHub(root=tmp_path / "github")
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+def private_repo(fake_github: FakeGitHub) -> str:
+    fake_github.create_repo("acme/private", PRIVATE_FILES)
+    fake_github.add_token(STATIC_TOKEN, repos=["acme/private", "acme/other"])
+    return "acme/private"
+
+
+def static_config(fake_url: str, **overrides: Any) -> dict[str, Any]:
+    """github.com routed to the fake, with one static-token entry for the acme org."""
+    config: dict[str, Any] = {
+        "upstreams": [{"host": "github.com", "url": fake_url}],
+        "github": {
+            "appInstallation": {
+                "auth": [
+                    {
+                        "id": "acme-bot",
+                        "type": "oauth_token",
+                        "urlPattern": r"(?<baseUrl>github\.com)/acme/.*",
+                        "token": STATIC_TOKEN,
+                    }
+                ]
+            }
+        },
+    }
+    config.update(overrides)
+    return config
+
+
+StartProxy = Callable[[dict[str, Any]], Awaitable[str]]
+
+
+@pytest.fixture
+def start_proxy(aiohttp_server: AiohttpServer) -> StartProxy:
+    """Starts the real proxy app from a config dict; returns its base URL."""
+
+    async def start(config_data: dict[str, Any]) -> str:
+        server = await aiohttp_server(await create_app(parse_config(config_data)))
+        return str(server.make_url("")).rstrip("/")
+
+    return start
+
+
+class Git:
+    """The real git CLI with a throwaway HOME: no user config, no credential helper, prompts turned into errors."""
+
+    def __init__(self, home: Path, workdir: Path) -> None:
+        self.env = git_env(home)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    async def __call__(self, *args: str, cwd: Path | None = None, check: bool = True) -> GitResult:
+        result = await run_git(*args, env=self.env, cwd=cwd or self.workdir)
+        return result.check() if check else result
+
+
+@pytest.fixture
+def git(tmp_path: Path) -> Git:
+    return Git(tmp_path / "home", tmp_path / "work")
+
+
+class TrapServer:
+    """A listening socket that only counts connections: proof that nothing was sent to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def trap() -> Iterator[TrapServer]:
+    server = TrapServer()
+    yield server
+    server.close()
