@@ -69,9 +69,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 class _Model(BaseModel):
     # camelCase keys as in Concord; unknown keys are errors, so a typo never silently does nothing.
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
-    )
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
 class ServerConfig(_Model):
@@ -113,13 +111,21 @@ class TlsConfig(_Model):
     ca_file: Path | None = None
 
 
-class OAuthTokenEntry(_Model):
+class _EntryBase(_Model):
+    url_pattern: str
+    username: str = "x-access-token"
+
+    @field_validator("type", mode="before", check_fields=False)
+    @classmethod
+    def _type_upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value  # Concord reads it case-insensitively
+
+
+class OAuthTokenEntry(_EntryBase):
     """A static token (a PAT, a bot token) used for every repo that `urlPattern` matches."""
 
     type: Literal["OAUTH_TOKEN"] = "OAUTH_TOKEN"
     id: str = "github-oauth-token"
-    url_pattern: str
-    username: str = "x-access-token"
     token: SecretStr
 
     @field_validator("token")
@@ -131,22 +137,14 @@ class OAuthTokenEntry(_Model):
 
 
 def _entry_type(value: Any) -> str:
-    # Concord reads `type` case-insensitively; normalise it before pydantic picks the model.
     raw = value.get("type", "") if isinstance(value, Mapping) else getattr(value, "type", "")
     return str(raw).strip().upper()
-
-
-def _normalise_type(value: Any) -> Any:
-    if isinstance(value, Mapping) and "type" in value:
-        return {**value, "type": _entry_type(value)}
-    return value
 
 
 AuthEntry = Annotated[
     Annotated[OAuthTokenEntry, Tag("OAUTH_TOKEN")],
     Discriminator(_entry_type, custom_error_type="unknown_type",
                   custom_error_message="unknown type; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"),
-    BeforeValidator(_normalise_type),
 ]  # fmt: skip
 
 

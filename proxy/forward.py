@@ -63,7 +63,7 @@ _STATUS: dict[type[ProxyError], int] = {
 def status_for(error: ProxyError) -> int:
     for cls in type(error).__mro__:
         if cls in _STATUS:
-            return _STATUS[cls]  # type: ignore[index]
+            return _STATUS[cls]
     return 502
 
 
@@ -115,11 +115,16 @@ async def _open_upstream(request: web.Request, route: Route, context: ForwardCon
     credential = await source.get_credential(route.repo) if source else None
     upstream = await _send(request, route, credential, context.session)
     replayable = request.method == "GET"  # info/refs: no body, and it opens every git operation
-    if upstream.status == 401 and source and credential and replayable:
-        if await source.invalidate(credential, route.repo):
-            upstream.release()
-            credential = await source.get_credential(route.repo)
-            upstream = await _send(request, route, credential, context.session)
+    if (
+        upstream.status == 401
+        and source
+        and credential
+        and replayable
+        and await source.invalidate(credential, route.repo)
+    ):
+        upstream.release()
+        credential = await source.get_credential(route.repo)
+        upstream = await _send(request, route, credential, context.session)
     try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
@@ -155,7 +160,9 @@ async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, r
 def _refuse(request: web.Request, error: ProxyError, route: Route | None) -> web.Response:
     status = status_for(error)
     where = str(route.repo) if route else repr(request.raw_path[:200])
-    log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s refused %d: %s", request.method, where, status, error)
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO, "%s %s refused %d: %s", request.method, where, status, error
+    )
     # text/plain: git prints each line as `remote: ...`; no WWW-Authenticate, so git never prompts.
     return web.Response(status=status, text=f"{error}\n", content_type="text/plain")
 
@@ -195,7 +202,8 @@ def _request_body(request: web.Request) -> AsyncIterator[bytes] | None:
 
 
 def _upstream_headers(headers: CIMultiDictProxy[str], credential: Credential | None) -> CIMultiDict[str]:
-    named_by_connection = {name.strip().lower() for name in headers.get("Connection", "").split(",")}
+    connection = ",".join(headers.getall("Connection", ()))  # may come as several header lines
+    named_by_connection = {name.strip().lower() for name in connection.split(",")}
     out = CIMultiDict(
         (name, value)
         for name, value in headers.items()
@@ -216,15 +224,11 @@ def _check_status(upstream: aiohttp.ClientResponse, route: Route, credential: Cr
                 f"{route.upstream.host} rejected the credential of auth entry {route.entry.id if route.entry else ''!r}"
                 f" for {route.repo.full_name} (HTTP 401)"
             )
-        raise UpstreamNeedsAuth(
-            f"{route.repo} needs credentials and no auth entry of this proxy matches it"
-        )
+        raise UpstreamNeedsAuth(f"{route.repo} needs credentials and no auth entry of this proxy matches it")
 
 
 def _response_headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
-    out = CIMultiDict(
-        (name, value) for name, value in upstream.headers.items() if name.lower() not in _NOT_RETURNED
-    )
+    out = CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in _NOT_RETURNED)
     if "Location" in upstream.headers:
         out["Location"] = _rewrite_location(upstream.headers["Location"], route)
     return out
@@ -238,4 +242,3 @@ def _rewrite_location(location: str, route: Route) -> str:
     if location.startswith("/") and not location.startswith("//") and base.count("/") == 2:
         return route.proxy_prefix + location
     raise UpstreamBadRedirect(f"{route.upstream.host} redirected to another host; the proxy does not follow it")
-

@@ -95,10 +95,10 @@ def compile_url_pattern(entry_id: str, pattern: str) -> re.Pattern[str]:
     try:
         compiled = re.compile(f"(?:{translate_java_regex(pattern)}).*", re.IGNORECASE | re.DOTALL)
     except re.error as error:
-        raise ConfigError(f"auth entry {entry_id!r}: urlPattern {pattern!r} does not compile: {error}") from None
+        raise ConfigError(f"auth entry {entry_id!r}: urlPattern '{pattern}' does not compile: {error}") from None
     if "baseUrl" not in compiled.groupindex:
         raise ConfigError(
-            f"auth entry {entry_id!r}: urlPattern {pattern!r} has no (?<baseUrl>...) group "
+            f"auth entry {entry_id!r}: urlPattern '{pattern}' has no (?<baseUrl>...) group "
             "marking where the repo path starts"
         )
     return compiled
@@ -135,9 +135,7 @@ class Router:
         service, query = _service_and_query(endpoint, query_string)
         entry, repo = self.match_entry(upstream.host, repo_path)
         if entry is None and not upstream.anonymous:
-            raise AnonymousRefused(
-                f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled"
-            )
+            raise AnonymousRefused(f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled")
         url = f"{upstream.url}/{'/'.join((*repo_path, *endpoint_segments))}"
         return Route(upstream, repo, entry, service, f"{url}?{query}" if query else url, f"/{host}")
 

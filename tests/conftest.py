@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.pytest_plugin import AiohttpServer
+from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import parse_config
@@ -59,14 +59,23 @@ StartProxy = Callable[[dict[str, Any]], Awaitable[str]]
 
 
 @pytest.fixture
-def start_proxy(aiohttp_server: AiohttpServer) -> StartProxy:
-    """Starts the real proxy app from a config dict; returns its base URL."""
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """Starts the real proxy app from a config dict, served as `serve` does; returns its base URL.
+
+    Not aiohttp's TestServer: that one cancels handlers when a client hangs up, which production does not.
+    """
+    runners: list[web.AppRunner] = []
 
     async def start(config_data: dict[str, Any]) -> str:
-        server = await aiohttp_server(await create_app(parse_config(config_data)))
-        return str(server.make_url("")).rstrip("/")
+        runner = web.AppRunner(await create_app(parse_config(config_data)), access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
-    return start
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 class Git:

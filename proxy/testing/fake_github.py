@@ -1,4 +1,4 @@
-"""A fake GitHub for tests and the demo: real git over smart HTTP, GitHub's Basic-auth rules, and a record of traffic."""
+"""A fake GitHub for tests and the demo: real git over smart HTTP, GitHub's auth rules, and a record of traffic."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ _GIT_PATH = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class SeenRequest:
     """One request as the fake received it. `token` is kept so tests can check exactly what was sent."""
 
@@ -31,8 +31,8 @@ class SeenRequest:
     username: str | None
     token: str | None
     authorized: bool
-    status: int
     headers: Mapping[str, str]
+    status: int = 0  # set as the response starts, before the client can see any of it
 
     @property
     def carried_credentials(self) -> bool:
@@ -95,7 +95,9 @@ class FakeGitHub:
         bare = self.repo_path(full_name)
         env = git_env(self.root / "home")
         run_git_sync("init", "--quiet", "--bare", f"--initial-branch={branch}", str(bare), env=env).check()
-        run_git_sync("config", "http.receivepack", "true", env=env, cwd=bare).check()
+        # As on GitHub: pushes over HTTP, partial clones (--filter) and fetching any reachable commit.
+        for key in ("http.receivepack", "uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
+            run_git_sync("config", key, "true", env=env, cwd=bare).check()
         if public:
             self.public_repos.add(full_name.lower())
         if files:
@@ -122,6 +124,7 @@ class FakeGitHub:
         # As on the proxy, bodies stay compressed so tests can see exactly what arrived.
         app = web.Application(handler_args={"auto_decompress": False})
         app.router.add_route("*", "/{path:.*}", self._handle)
+        app.on_response_prepare.append(_record_status)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -139,15 +142,15 @@ class FakeGitHub:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # Recorded on arrival, so a test that has its answer can already see the request.
         username, token = _basic_credentials(request)
-        response = await self._respond(request, username, token)
-        self.seen.append(
-            SeenRequest(
-                request.method, request.path, request.query_string, username, token,
-                authorized=token in self.grants, status=response.status, headers=dict(request.headers),
-            )
+        seen = SeenRequest(
+            request.method, request.path, request.query_string, username, token,
+            authorized=token in self.grants, headers=dict(request.headers),
         )  # fmt: skip
-        return response
+        self.seen.append(seen)
+        request[_SEEN] = seen
+        return await self._respond(request, username, token)
 
     async def _respond(self, request: web.Request, username: str | None, token: str | None) -> web.StreamResponse:
         match = _GIT_PATH.match(request.path)
@@ -163,7 +166,9 @@ class FakeGitHub:
         if match["endpoint"].startswith("info/lfs/"):
             return await _lfs_answer(request)
         path_info = f"/{full_name}.git/{match['endpoint']}"
-        return await serve_with_http_backend(request, self.repos_root, path_info, username or "anonymous", self._backend)
+        return await serve_with_http_backend(
+            request, self.repos_root, path_info, username or "anonymous", self._backend
+        )
 
     def _authorize(self, full_name: str, token: str | None, push: bool) -> web.Response | None:
         """GitHub's rules: bad or missing credentials on a private repo are a 401 that asks for Basic auth."""
@@ -179,6 +184,14 @@ class FakeGitHub:
         if push and not grant.write:
             return _text(403, f"Permission to {full_name} denied.")
         return None
+
+
+_SEEN = web.RequestKey("fake_github_seen", SeenRequest)
+
+
+async def _record_status(request: web.Request, response: web.StreamResponse) -> None:
+    if _SEEN in request:
+        request[_SEEN].status = response.status
 
 
 def _basic_credentials(request: web.Request) -> tuple[str | None, str | None]:

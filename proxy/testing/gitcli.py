@@ -68,5 +68,7 @@ async def run_git(*args: str, env: Mapping[str, str], cwd: Path | None = None) -
 
 
 def run_git_sync(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> GitResult:
-    done = subprocess.run(["git", *args], cwd=cwd, env=dict(env), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env=dict(env), capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     return GitResult(args, done.returncode, done.stdout, done.stderr)
