@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,48 @@ def test_missing_config_file(tmp_path: Path) -> None:
     done = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
     assert done.returncode == 2
     assert "nope.yaml: cannot read config file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    done = run_cli("demo")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cloned acme/private-repo through the proxy" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams:\n  - host: github.com\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                    assert response.read() == b"ok\n"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/evil.example/a/b/info/refs?service=git-upload-pack")
+        assert refused.value.code == 403
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+    stderr = process.stderr.read() if process.stderr else ""
+    assert f"listening on http://127.0.0.1:{port}" in stderr
+    assert "Traceback" not in stderr
