@@ -10,11 +10,15 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .config import Config, OAuthTokenEntry
+from .config import Config, GitHubAppEntry, OAuthTokenEntry
 from .credentials import CredentialSource
+from .credentials.cache import TokenCache
+from .credentials.github_api import GitHubAppApi
+from .credentials.github_app import GitHubAppSource
+from .credentials.keys import AppKey, load_app_key
 from .credentials.static import StaticTokenSource
 from .forward import FORWARD_CONTEXT, ForwardContext, forward_request
-from .routing import Router
+from .routing import Router, base_url_host
 
 log = logging.getLogger("git_token_proxy.app")
 
@@ -28,11 +32,47 @@ def build_router(config: Config) -> Router:
     return Router(config.upstreams, config.auth)
 
 
-def build_credential_sources(config: Config, session: aiohttp.ClientSession) -> dict[str, CredentialSource]:
+def load_app_keys(config: Config) -> dict[str, AppKey]:
+    """Every app key, read and parsed once at start-up; a bad one is a ConfigError naming the entry and file."""
+    keys = {}
+    for entry in config.auth:
+        if isinstance(entry, GitHubAppEntry):
+            keys[entry.id] = load_app_key(entry.id, entry.private_key.get_secret_value())
+            log.info("entry %r: app key %s", entry.id, keys[entry.id].fingerprint)
+    return keys
+
+
+def api_url_for(entry: GitHubAppEntry, config: Config) -> str:
+    """Concord's default: api.github.com for github.com, `/api/v3` on the upstream of a GHES host."""
+    if entry.api_url:
+        return entry.api_url
+    host = base_url_host(entry.url_pattern)
+    upstream = next((u for u in config.upstreams if u.host == host), None)
+    if upstream is None or upstream.host == "github.com":
+        return "https://api.github.com"
+    return f"{upstream.url}/api/v3"
+
+
+def build_credential_sources(
+    config: Config, session: aiohttp.ClientSession, keys: dict[str, AppKey]
+) -> dict[str, CredentialSource]:
+    settings = config.github.app_installation
+    # One cache for all app entries: its keys carry the API URL and issuer, so entries never share a token.
+    tokens = TokenCache(
+        max_entries=settings.system_auth_cache_max_weight,
+        max_age=settings.system_auth_cache_duration,
+        refresh_before=settings.refresh_before,
+    )
     sources: dict[str, CredentialSource] = {}
     for entry in config.auth:
         if isinstance(entry, OAuthTokenEntry):
             sources[entry.id] = StaticTokenSource(entry)
+        else:
+            api = GitHubAppApi(
+                entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
+                session=session, timeout=settings.http_client_timeout,
+            )  # fmt: skip
+            sources[entry.id] = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight)
     return sources
 
 
@@ -62,9 +102,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def create_app(config: Config) -> web.Application:
     """Build the proxy. Must run inside the event loop that will serve it (the upstream session binds to it)."""
     router = build_router(config)
+    keys = load_app_keys(config)
     app = web.Application(handler_args=SERVER_HANDLER_ARGS)
     session = build_upstream_session(config)
-    sources = build_credential_sources(config, session)
+    sources = build_credential_sources(config, session, keys)
     app[FORWARD_CONTEXT] = ForwardContext(router, sources, session)
 
     async def close_upstream(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from . import __version__
 from .app import build_router, create_app
 from .config import Config, ConfigError, OAuthTokenEntry, load_config
 from .logs import configure_logging
+from .routing import base_url_host
 
 log = logging.getLogger("git_token_proxy")
 
@@ -102,8 +103,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _upstream_of(pattern: str, config: Config) -> str:
     """Which configured upstream an entry's baseUrl names, so a pattern for an unlisted host stands out."""
-    base = pattern.partition("(?<baseUrl>")[2]
-    host = base.replace("\\.", ".").split("/")[0].split(")")[0].lower()
+    host = base_url_host(pattern)
     listed = {upstream.host for upstream in config.upstreams}
     return host if host in listed else f"(none: {host or '?'} is not in upstreams)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -136,13 +137,39 @@ class OAuthTokenEntry(_EntryBase):
         return SecretStr(token.get_secret_value().strip())
 
 
+class GitHubAppEntry(_EntryBase):
+    """A GitHub App: its private key signs a JWT, which buys installation tokens for the repos it is installed on."""
+
+    type: Literal["GITHUB_APP_INSTALLATION"] = "GITHUB_APP_INSTALLATION"
+    id: str = "github-app-installation"
+    # None: https://api.github.com for github.com, https://<upstream>/api/v3 for GitHub Enterprise Server.
+    api_url: str | None = None
+    client_id: str | None = None
+    app_id: int | None = None  # GHES before 3.14 accepts only the numeric app id as the JWT issuer
+    private_key: SecretStr  # a file path, or the PEM itself; read and parsed once at start-up
+    installation_id: int | None = None  # skips the installation look-up
+
+    @model_validator(mode="after")
+    def _has_issuer(self) -> GitHubAppEntry:
+        if not self.client_id and self.app_id is None:
+            raise ValueError("clientId or appId is required for GITHUB_APP_INSTALLATION")
+        if self.api_url is not None:
+            object.__setattr__(self, "api_url", self.api_url.rstrip("/"))
+        return self
+
+    @property
+    def issuer(self) -> str:
+        """The JWT `iss`, always a string (GitHub accepts the client ID or the app ID)."""
+        return self.client_id or str(self.app_id)
+
+
 def _entry_type(value: Any) -> str:
     raw = value.get("type", "") if isinstance(value, Mapping) else getattr(value, "type", "")
     return str(raw).strip().upper()
 
 
 AuthEntry = Annotated[
-    Annotated[OAuthTokenEntry, Tag("OAUTH_TOKEN")],
+    Annotated[OAuthTokenEntry, Tag("OAUTH_TOKEN")] | Annotated[GitHubAppEntry, Tag("GITHUB_APP_INSTALLATION")],
     Discriminator(_entry_type, custom_error_type="unknown_type",
                   custom_error_message="unknown type; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"),
 ]  # fmt: skip
@@ -150,9 +177,17 @@ AuthEntry = Annotated[
 
 class AppInstallationConfig(_Model):
     http_client_timeout: Duration = 30.0
-    system_auth_cache_duration: Duration = 3000.0
+    system_auth_cache_duration: Duration = 3000.0  # the longest a token is reused, whatever its expiry
+    refresh_before: Duration = 300.0  # replace a token when less than this remains before it expires
     system_auth_cache_max_weight: int = Field(default=10_000, ge=1)
     auth: list[AuthEntry] = []
+    secret_files: list[Path] = []  # Concord user secrets: {"githubAppInstallation": {...}}, appended to `auth`
+
+    @model_validator(mode="after")
+    def _append_secret_files(self) -> AppInstallationConfig:
+        entries = [_load_secret_file(index, path) for index, path in enumerate(self.secret_files)]
+        object.__setattr__(self, "auth", [*self.auth, *entries])
+        return self
 
     @model_validator(mode="after")
     def _ids_unique(self) -> AppInstallationConfig:
@@ -162,6 +197,25 @@ class AppInstallationConfig(_Model):
                 raise ValueError(f"duplicate auth entry id {entry.id!r}; give each entry its own id")
             seen.add(entry.id)
         return self
+
+
+def _load_secret_file(index: int, path: Path) -> GitHubAppEntry:
+    """A Concord user secret: JSON whose `githubAppInstallation` holds the entry, with the PEM inline."""
+    where = f"secretFiles[{index}] ({path})"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read: {error.strerror}") from None
+    except ValueError as error:
+        raise ValueError(f"{where}: not valid JSON: {error}") from None
+    fields = data.get("githubAppInstallation") if isinstance(data, dict) else None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'githubAppInstallation' object")
+    fields = {"id": f"secret:{path.stem}", **fields, "type": "GITHUB_APP_INSTALLATION"}
+    try:
+        return GitHubAppEntry.model_validate(fields)
+    except ValidationError as error:
+        raise ValueError(f"{where}: {_describe(error).replace(chr(10), '; ')}") from None
 
 
 class GitHubConfig(_Model):
@@ -175,7 +229,7 @@ class Config(_Model):
     github: GitHubConfig = GitHubConfig()
 
     @property
-    def auth(self) -> list[OAuthTokenEntry]:
+    def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:
         return self.github.app_installation.auth
 
     @model_validator(mode="after")

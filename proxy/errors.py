@@ -58,3 +58,27 @@ class UpstreamNeedsAuth(ProxyError):
 
 class UpstreamBadRedirect(ProxyError):
     """The upstream redirected somewhere the proxy will not follow or pass on."""
+
+
+class AppNotInstalled(CredentialError):
+    """The GitHub App is not installed on the repo, or cannot see it."""
+
+
+class JwtRejected(CredentialError):
+    """GitHub refused the app's JWT: wrong key, wrong issuer, or a clock too far off."""
+
+
+class RateLimited(CredentialError):
+    """GitHub's API rate limit is reached for longer than it is worth waiting."""
+
+
+class GitHubUnavailable(CredentialError):
+    """GitHub's API failed (5xx, timeouts, connection errors) on every try."""
+
+
+class GitHubRefused(CredentialError):
+    """GitHub's API answered with an error that retrying will not fix (e.g. 422 for a permission not granted)."""
+
+
+class InstallationGone(CredentialError):
+    """Minting answered 404: the installation id is stale (the app was reinstalled)."""

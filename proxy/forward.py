@@ -14,12 +14,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .credentials import Credential, CredentialSource
 from .errors import (
     AnonymousRefused,
+    AppNotInstalled,
     BadRequestPath,
     CredentialError,
+    GitHubUnavailable,
     HostNotAllowed,
     MethodNotAllowed,
     NotAGitEndpoint,
     ProxyError,
+    RateLimited,
     UpstreamBadRedirect,
     UpstreamNeedsAuth,
     UpstreamRefusedAuth,
@@ -52,7 +55,10 @@ _STATUS: dict[type[ProxyError], int] = {
     HostNotAllowed: 403,
     AnonymousRefused: 403,
     UpstreamNeedsAuth: 403,
-    CredentialError: 502,
+    AppNotInstalled: 403,
+    CredentialError: 502,  # JwtRejected, GitHubRefused and anything else a token source cannot overcome
+    RateLimited: 503,
+    GitHubUnavailable: 503,
     UpstreamRefusedAuth: 502,
     UpstreamUnreachable: 502,
     UpstreamBadRedirect: 502,

@@ -65,4 +65,5 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redac
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("aiocache").setLevel(logging.WARNING)  # it logs every cache get at DEBUG
     return redactor

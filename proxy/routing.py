@@ -104,6 +104,13 @@ def compile_url_pattern(entry_id: str, pattern: str) -> re.Pattern[str]:
     return compiled
 
 
+def base_url_host(pattern: str) -> str | None:
+    """The literal host a pattern's baseUrl names (`github\\.com` → github.com), when it names one plainly."""
+    base = pattern.partition("(?<baseUrl>")[2] or pattern.partition("(?P<baseUrl>")[2]
+    host = base.split("/")[0].split(")")[0].replace("\\.", ".").lower()
+    return host if re.fullmatch(r"[a-z0-9.-]+(:\d+)?", host) else None
+
+
 @dataclass(frozen=True)
 class _Rule:
     entry: AuthEntry

@@ -2,29 +2,91 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.app import create_app
 from proxy.config import parse_config
-from proxy.testing import FakeGitHub, GitResult, git_env, run_git
+from proxy.testing import (
+    FakeApp,
+    FakeGitHub,
+    FakeInstallation,
+    GitResult,
+    generate_app_key,
+    git_env,
+    pkcs1_pem,
+    run_git,
+)
 
 STATIC_TOKEN = "static-test-token-1234"
 PRIVATE_FILES = {"README.md": b"# private\n", "src/app.py": b"print('hello')\n"}
 
 
 @pytest.fixture
-async def fake_github(tmp_path: Path) -> AsyncIterator[FakeGitHub]:
+async def fake_github(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[FakeGitHub]:
+    """Also the secrets check of every test that uses it: no token, JWT or key may appear in any log record."""
+    caplog.set_level(logging.DEBUG)
     fake = FakeGitHub(root=tmp_path / "github")
     await fake.start()
     yield fake
     await fake.close()
+    logged = caplog.text + "".join(str(record.args) for record in caplog.records)
+    secrets = [STATIC_TOKEN, *fake.apps.minted_tokens, *fake.apps.jwts_seen, *(g for g in fake.grants)]
+    leaked = [secret[:12] + "..." for secret in secrets if secret in logged]
+    assert not leaked, f"secrets in the logs: {leaked}"
+    assert "PRIVATE KEY" not in logged
+
+
+@pytest.fixture(scope="session")
+def app_key() -> rsa.RSAPrivateKey:
+    return generate_app_key()  # one 2048-bit key for the session: generating one takes a noticeable moment
+
+
+@dataclass
+class AcmeApp:
+    """A GitHub App installed on the whole `acme` account, with its key in a file as an operator would have it."""
+
+    key: rsa.RSAPrivateKey
+    app: FakeApp
+    installation: FakeInstallation
+    key_file: Path
+
+
+@pytest.fixture
+def acme_app(fake_github: FakeGitHub, app_key: rsa.RSAPrivateKey, tmp_path: Path) -> AcmeApp:
+    for name in ("private", "other", "third", "fourth"):
+        fake_github.create_repo(f"acme/{name}", {**PRIVATE_FILES, "name.txt": name.encode()})
+    app = fake_github.apps.add_app(app_key)
+    installation = fake_github.apps.add_installation(app, "acme")
+    key_file = tmp_path / "acme-app.pem"
+    key_file.write_text(pkcs1_pem(app_key))
+    return AcmeApp(app_key, app, installation, key_file)
+
+
+def app_config(fake_url: str, acme: AcmeApp, settings: dict[str, Any] | None = None, **entry: Any) -> dict[str, Any]:
+    """github.com routed to the fake, and one GitHub App entry for the acme org whose API is the fake too."""
+    app_entry = {
+        "id": "acme-app",
+        "type": "GITHUB_APP_INSTALLATION",
+        "urlPattern": r"(?<baseUrl>github\.com)/acme/.*",
+        "apiUrl": fake_url,
+        "clientId": acme.app.client_id,
+        "privateKey": str(acme.key_file),
+        **entry,
+    }
+    return {
+        "upstreams": [{"host": "github.com", "url": fake_url}],
+        "github": {"appInstallation": {"auth": [app_entry], **(settings or {})}},
+    }
 
 
 @pytest.fixture

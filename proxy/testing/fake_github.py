@@ -6,12 +6,14 @@ import base64
 import binascii
 import re
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+from .fake_app_api import FakeAppApi, Grant
 from .git_backend import find_http_backend, serve_with_http_backend
 from .gitcli import git_env, run_git_sync
 
@@ -52,23 +54,14 @@ class SeenRequest:
 
 
 @dataclass
-class TokenGrant:
-    """What a token may do: which repos (lowercase owner/repo; None for all) and whether it may push."""
-
-    token: str
-    repos: frozenset[str] | None = None
-    write: bool = True
-
-    def covers(self, full_name: str) -> bool:
-        return self.repos is None or full_name.lower() in self.repos
-
-
-@dataclass
 class FakeGitHub:
+    """Git endpoints under /<owner>/<repo>, the App API under / and /api/v3 (see `apps`), one clock for both."""
+
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fake-github-")))
     seen: list[SeenRequest] = field(default_factory=list)
-    grants: dict[str, TokenGrant] = field(default_factory=dict)
+    grants: dict[str, Grant] = field(default_factory=dict)
     public_repos: set[str] = field(default_factory=set)
+    clock_offset: float = 0.0  # seconds this GitHub's clock is ahead of the machine's (Date headers, JWT checks)
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -76,11 +69,16 @@ class FakeGitHub:
         self.repos_root = self.root / "repos"
         self.repos_root.mkdir(parents=True, exist_ok=True)
         self._backend = find_http_backend()
+        self.apps = FakeAppApi(self.grants, self.now)
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
 
     # ------------------------------------------------------------ set-up
 
-    def add_token(self, token: str, repos: Iterable[str] | None = None, *, write: bool = True) -> TokenGrant:
-        grant = TokenGrant(token, frozenset(r.lower() for r in repos) if repos is not None else None, write)
+    def add_token(self, token: str, repos: Iterable[str] | None = None, *, write: bool = True) -> Grant:
+        """A static token (a PAT): these repos (or all), never expiring."""
+        grant = Grant(token, frozenset(r.lower() for r in repos) if repos is not None else None, write)
         self.grants[token] = grant
         return grant
 
@@ -153,6 +151,8 @@ class FakeGitHub:
         return await self._respond(request, username, token)
 
     async def _respond(self, request: web.Request, username: str | None, token: str | None) -> web.StreamResponse:
+        if self.apps.handles(request.path):
+            return await self.apps.respond(request)
         match = _GIT_PATH.match(request.path)
         if not match:
             return web.json_response({"message": "Not Found"}, status=404)
@@ -173,6 +173,8 @@ class FakeGitHub:
     def _authorize(self, full_name: str, token: str | None, push: bool) -> web.Response | None:
         """GitHub's rules: bad or missing credentials on a private repo are a 401 that asks for Basic auth."""
         grant = self.grants.get(token) if token is not None else None
+        if grant is not None and grant.expires_at is not None and self.now() >= grant.expires_at:
+            grant = None  # expired installation tokens are refused like unknown ones
         if grant is None:
             if token is None and full_name in self.public_repos and not push:
                 return None

@@ -1,0 +1,74 @@
+"""App private keys: read once at start-up, in any form people paste them, and known in logs only by fingerprint."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True, repr=False)
+class AppKey:
+    key: rsa.RSAPrivateKey
+    fingerprint: str  # SHA256:<base64> of the public key, as `ssh-keygen -lf` prints; safe to log
+
+    def __repr__(self) -> str:
+        return f"AppKey({self.fingerprint})"
+
+
+def normalise_pem(text: str) -> bytes:
+    """Undo what config files, env vars and copy-paste do to a PEM: quotes, literal \\n, CRLF, indentation."""
+    text = text.strip().strip("'\"").replace("\\r", "").replace("\\n", "\n").replace("\r\n", "\n")
+    return ("\n".join(line.strip() for line in text.strip().splitlines()) + "\n").encode()
+
+
+def load_app_key(entry_id: str, value: str) -> AppKey:
+    """`value` is the PEM itself (it contains `-----BEGIN`) or a path to a file holding it."""
+    if "-----BEGIN" in value:
+        source, pem = "inline privateKey", normalise_pem(value)
+    else:
+        path = Path(value.strip()).expanduser()
+        source = str(path)
+        try:
+            pem = normalise_pem(path.read_text())
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not a text PEM file"
+            raise ConfigError(f"auth entry {entry_id!r}: cannot read privateKey file {path}: {reason}") from None
+    key = _parse_private_key(entry_id, source, pem)
+    return AppKey(key, fingerprint_of(key))
+
+
+def _parse_private_key(entry_id: str, source: str, pem: bytes) -> rsa.RSAPrivateKey:
+    where = f"auth entry {entry_id!r}: privateKey ({source})"
+    if b"PUBLIC KEY-----" in pem or pem.startswith(b"ssh-rsa "):
+        raise ConfigError(f"{where} is a public key; GitHub Apps sign with the private key (.pem from the app page)")
+    key: object
+    try:
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in pem:
+            key = serialization.load_ssh_private_key(pem, password=None)
+        else:
+            key = serialization.load_pem_private_key(pem, password=None)  # PKCS#1 and PKCS#8
+    except (ValueError, TypeError) as error:
+        # Never echo the key material: only say what is wrong with it.
+        reason = (
+            "it is encrypted; give an unencrypted key"
+            if "encrypted" in str(error).lower()
+            else "truncated or not a PEM private key"
+        )
+        raise ConfigError(f"{where} cannot be parsed: {reason}") from None
+    except Exception:  # cryptography raises UnsupportedAlgorithm and friends for odd inputs
+        raise ConfigError(f"{where} cannot be parsed: unsupported key format") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError(f"{where} is not an RSA key; GitHub Apps use RS256")
+    return key
+
+
+def fingerprint_of(key: rsa.RSAPrivateKey) -> str:
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(public).digest()).decode().rstrip("=")

@@ -1,0 +1,297 @@
+"""The GitHub App half of the fake GitHub: JWT checks with GitHub's rules and messages, installations and mints."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+# GitHub's own wording, which the proxy's skew detection and error messages rely on.
+MSG_NOT_DECODED = "A JSON web token could not be decoded"
+MSG_IAT = "'Issued at' claim ('iat') must be an Integer representing the time that the assertion was issued"
+MSG_EXP = (
+    "'Expiration time' claim ('exp') must be a numeric value representing the future time at which the assertion "
+    "expires"
+)
+MSG_EXP_TOO_FAR = "'Expiration time' claim ('exp') is too far in the future"
+MSG_NO_INTEGRATION = "Integration not found"
+MSG_BAD_REPOS = "There is at least one repository that does not exist or is not accessible to the parent installation."
+MSG_BAD_PERMISSIONS = "The permissions requested are not granted to this installation."
+_LEVELS = {"read": 1, "write": 2, "admin": 3}
+
+_API_PATH = re.compile(
+    r"^(?:/api/v3)?(?P<path>/app|/repos/[^/]+/[^/]+/installation|/orgs/[^/]+/installation|/users/[^/]+/installation"
+    r"|/app/installations/\d+/access_tokens|/installation/token)$"
+)
+
+
+@dataclass
+class FakeApp:
+    app_id: int
+    client_id: str
+    slug: str
+    public_key: rsa.RSAPublicKey
+
+
+@dataclass
+class FakeInstallation:
+    id: int
+    app: FakeApp
+    account: str  # lowercase login
+    repos: frozenset[str] | None  # lowercase owner/repo; None: every repo of the account
+    permissions: dict[str, str]
+
+    def covers(self, full_name: str) -> bool:
+        owner = full_name.split("/")[0]
+        return owner == self.account and (self.repos is None or full_name in self.repos)
+
+
+@dataclass
+class ApiCall:
+    method: str
+    path: str
+    status: int
+
+
+@dataclass
+class Grant:
+    """What a token may do on the git endpoints: repos, push, and until when (on the fake's clock)."""
+
+    token: str
+    repos: frozenset[str] | None = None  # lowercase owner/repo; None: every repo (of `account`, if set)
+    write: bool = True
+    account: str | None = None
+    expires_at: float | None = None
+    installation_id: int | None = None
+
+    def covers(self, full_name: str) -> bool:
+        if self.account is not None and full_name.split("/")[0] != self.account:
+            return False
+        return self.repos is None or full_name.lower() in self.repos
+
+
+@dataclass
+class FakeAppApi:
+    """Owned by FakeGitHub, which routes API paths here and shares its token grants and clock."""
+
+    grants: dict[str, Grant]
+    now: Callable[[], float]
+    apps: list[FakeApp] = field(default_factory=list)
+    installations: dict[int, FakeInstallation] = field(default_factory=dict)
+    calls: list[ApiCall] = field(default_factory=list)
+    minted_tokens: list[str] = field(default_factory=list)
+    jwts_seen: list[str] = field(default_factory=list)
+    # ---- test controls
+    token_lifetime: float = 3600.0
+    mint_latency: float = 0.0
+    long_tokens: bool = False  # the stateless ghs_<appid>_<jwt> form: ~520 characters, with dots
+    _next_installation_id: int = 1001  # never reused, as on GitHub: a reinstall gets a new id
+    _failures: deque[int] = field(default_factory=deque)
+    _rate_limits: deque[dict[str, str]] = field(default_factory=deque)
+
+    # ------------------------------------------------------------ set-up and controls
+
+    def add_app(self, key: rsa.RSAPrivateKey, *, slug: str = "acme-app") -> FakeApp:
+        number = len(self.apps) + 1
+        app = FakeApp(100 + number, f"Iv23li{secrets.token_hex(5)}", slug, key.public_key())
+        self.apps.append(app)
+        return app
+
+    def add_installation(
+        self, app: FakeApp, account: str, repos: Iterable[str] | None = None,
+        permissions: dict[str, str] | None = None,
+    ) -> FakeInstallation:  # fmt: skip
+        installation = FakeInstallation(
+            self._next_installation_id, app, account.lower(),
+            frozenset(r.lower() for r in repos) if repos is not None else None,
+            permissions or {"contents": "write", "metadata": "read"},
+        )  # fmt: skip
+        self.installations[installation.id] = installation
+        self._next_installation_id += 1
+        return installation
+
+    def reinstall(self, installation: FakeInstallation) -> FakeInstallation:
+        """The app removed and installed again: the old id answers 404 from now on."""
+        del self.installations[installation.id]
+        return self.add_installation(installation.app, installation.account, installation.repos,
+                                     installation.permissions)  # fmt: skip
+
+    def fail_next_mints(self, count: int, status: int = 500) -> None:
+        self._failures.extend([status] * count)
+
+    def rate_limit_next_mints(self, count: int, *, retry_after: float | None = None, reset_in: float = 3600) -> None:
+        """With retry_after: a secondary limit with Retry-After. Without: a primary limit with x-ratelimit-reset."""
+        if retry_after is not None:
+            headers = {"Retry-After": str(int(retry_after))}
+        else:
+            headers = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(self.now() + reset_in))}
+        self._rate_limits.extend([headers] * count)
+
+    def revoke_all_tokens(self) -> None:
+        for token in [t for t, grant in self.grants.items() if grant.installation_id is not None]:
+            del self.grants[token]
+
+    def count(self, kind: str) -> int:
+        """`lookup` or `mint`: successful calls of that kind so far."""
+        suffix = {"lookup": "/installation", "mint": "/access_tokens"}[kind]
+        return sum(1 for c in self.calls if c.path.endswith(suffix) and c.status in (200, 201))
+
+    # ------------------------------------------------------------ serving
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return bool(_API_PATH.match(path))
+
+    async def respond(self, request: web.Request) -> web.Response:
+        match = _API_PATH.match(request.path)
+        assert match
+        response = await self._dispatch(request, match["path"])
+        response.headers["Date"] = format_datetime(datetime.fromtimestamp(self.now(), UTC), usegmt=True)
+        self.calls.append(ApiCall(request.method, match["path"], response.status))
+        return response
+
+    async def _dispatch(self, request: web.Request, path: str) -> web.Response:
+        if path == "/installation/token" and request.method == "DELETE":
+            return self._revoke(request)
+        app = self._authenticate(request)
+        if isinstance(app, web.Response):
+            return app
+        parts = path.strip("/").split("/")
+        if path == "/app" and request.method == "GET":
+            return web.json_response({"id": app.app_id, "slug": app.slug, "client_id": app.client_id,
+                                      "name": app.slug.replace("-", " ").title()})  # fmt: skip
+        if parts[-1] == "installation" and request.method == "GET":
+            return self._find_installation(request, app, parts)
+        if parts[-1] == "access_tokens" and request.method == "POST":
+            return await self._mint(request, app, int(parts[2]))
+        return _message(404, "Not Found")
+
+    def _authenticate(self, request: web.Request) -> FakeApp | web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return _message(401, "Requires authentication")
+        self.jwts_seen.append(token)
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+            if jwt.get_unverified_header(token).get("alg") != "RS256":
+                return _message(401, MSG_NOT_DECODED)
+        except jwt.PyJWTError:
+            return _message(401, MSG_NOT_DECODED)
+        issuer = str(unverified.get("iss"))
+        app = next((a for a in self.apps if issuer in (str(a.app_id), a.client_id)), None)
+        if app is None:
+            return _message(401, MSG_NO_INTEGRATION)
+        try:
+            claims = jwt.decode(
+                token, app.public_key, algorithms=["RS256"],
+                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )  # fmt: skip
+        except jwt.PyJWTError:
+            return _message(401, MSG_NOT_DECODED)
+        return self._check_times(claims) or app
+
+    def _check_times(self, claims: dict[str, Any]) -> web.Response | None:
+        now = self.now()
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if not isinstance(iat, int) or iat > now:
+            return _message(401, MSG_IAT)
+        if not isinstance(exp, int | float) or exp <= now:
+            return _message(401, MSG_EXP)
+        if exp > now + 600:
+            return _message(401, MSG_EXP_TOO_FAR)
+        return None
+
+    def _find_installation(self, request: web.Request, app: FakeApp, parts: list[str]) -> web.Response:
+        account = parts[1].lower()
+        full_name = f"{account}/{parts[2].lower()}" if parts[0] == "repos" else None
+        for installation in self.installations.values():
+            mine = installation.app is app and installation.account == account
+            if mine and (full_name is None or installation.covers(full_name)):
+                return web.json_response(self._installation_json(request, installation))
+        return _message(404, "Not Found")
+
+    def _installation_json(self, request: web.Request, installation: FakeInstallation) -> dict[str, Any]:
+        base = f"{request.scheme}://{request.host}{'/api/v3' if request.path.startswith('/api/v3') else ''}"
+        return {
+            "id": installation.id,
+            "app_id": installation.app.app_id,
+            "account": {"login": installation.account},
+            "access_tokens_url": f"{base}/app/installations/{installation.id}/access_tokens",
+            "permissions": installation.permissions,
+            "repository_selection": "all" if installation.repos is None else "selected",
+        }
+
+    async def _mint(self, request: web.Request, app: FakeApp, installation_id: int) -> web.Response:
+        if self.mint_latency:
+            await asyncio.sleep(self.mint_latency)
+        if self._failures:
+            return _message(self._failures.popleft(), "Server Error")
+        if self._rate_limits:
+            headers = self._rate_limits.popleft()
+            return _message(403, "You have exceeded a secondary rate limit.", headers)
+        installation = self.installations.get(installation_id)
+        if installation is None or installation.app is not app:
+            return _message(404, "Not Found")
+        body = await request.json() if request.body_exists else {}
+        repos, permissions = installation.repos, dict(installation.permissions)
+        if body.get("repositories"):
+            repos = frozenset(f"{installation.account}/{name.lower()}" for name in body["repositories"])
+            if not all(installation.covers(name) for name in repos):
+                return _message(422, MSG_BAD_REPOS)
+        if body.get("permissions"):
+            wanted: dict[str, str] = body["permissions"]
+            granted = installation.permissions
+            if any(_LEVELS.get(level, 9) > _LEVELS.get(granted.get(name, ""), 0) for name, level in wanted.items()):
+                return _message(422, MSG_BAD_PERMISSIONS)
+            permissions = wanted
+        return self._issue(installation, repos, permissions)
+
+    def _issue(
+        self, installation: FakeInstallation, repos: frozenset[str] | None, permissions: dict[str, str]
+    ) -> web.Response:
+        token = self._new_token(installation.app)
+        expires_at = self.now() + self.token_lifetime
+        self.grants[token] = Grant(token, repos, permissions.get("contents") == "write", installation.account,
+                                   expires_at, installation.id)  # fmt: skip
+        self.minted_tokens.append(token)
+        answer: dict[str, Any] = {
+            "token": token,
+            "expires_at": datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "permissions": permissions,
+            "repository_selection": "all" if repos is None else "selected",
+        }
+        if repos is not None:
+            answer["repositories"] = [{"name": r.split("/")[1], "full_name": r} for r in sorted(repos)]
+        return web.json_response(answer, status=201)
+
+    def _new_token(self, app: FakeApp) -> str:
+        if not self.long_tokens:
+            return "ghs_" + secrets.token_urlsafe(27).replace("-", "A").replace("_", "b")[:36]
+
+        def segment(size: int) -> str:
+            return base64.urlsafe_b64encode(secrets.token_bytes(size)).decode().rstrip("=")
+
+        return f"ghs_{app.app_id}_{segment(27)}.{segment(260)}.{segment(96)}"
+
+    def _revoke(self, request: web.Request) -> web.Response:
+        _, _, token = request.headers.get("Authorization", "").partition(" ")
+        if self.grants.pop(token, None) is None:
+            return _message(401, "Bad credentials")
+        return web.Response(status=204)
+
+
+def _message(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"message": message, "documentation_url": "https://docs.github.com/rest"}, status=status, headers=headers
+    )

@@ -1,0 +1,256 @@
+"""GitHub App installation tokens end to end: real git, the proxy's broker, and a fake GitHub with GitHub's rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jwt
+import pytest
+
+from proxy.testing import FakeGitHub, openssh_pem, pkcs8_pem
+from tests.conftest import AcmeApp, Git, StartProxy, app_config
+
+
+async def clone(git: Git, proxy: str, repo: str, dest: str, check: bool = True) -> str:
+    result = await git("clone", "--quiet", f"{proxy}/github.com/{repo}.git", dest, check=check)
+    if check:
+        assert (git.workdir / dest / "name.txt").read_text() == repo.split("/")[1]
+    return result.stderr
+
+
+def counts(fake: FakeGitHub) -> tuple[int, int]:
+    return fake.apps.count("lookup"), fake.apps.count("mint")
+
+
+def minted_tokens_used(fake: FakeGitHub) -> set[str | None]:
+    return {seen.token for seen in fake.git_requests}
+
+
+async def test_one_token_per_installation_shared_by_its_repos(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "one")
+    assert counts(fake_github) == (1, 1)  # cold: one look-up, one mint
+    await clone(git, proxy, "acme/private", "two")
+    assert counts(fake_github) == (1, 1)  # warm: no API call at all
+    await clone(git, proxy, "acme/other", "three")
+    assert counts(fake_github) == (2, 1)  # same installation: a look-up for the new repo, no new mint
+    assert minted_tokens_used(fake_github) == {fake_github.apps.minted_tokens[0]}
+    assert all(seen.authorized for seen in fake_github.git_requests)
+
+
+async def test_parallel_cold_clones_cause_exactly_one_mint(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    fake_github.apps.mint_latency = 0.5
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    repos = ["acme/private", "acme/other", "acme/third", "acme/fourth"]
+    await asyncio.gather(*(clone(git, proxy, repos[i % 4], f"clone-{i}") for i in range(16)))
+    lookups, mints = counts(fake_github)
+    assert mints == 1
+    assert lookups == 4  # one per repo, also single-flight
+
+
+async def test_expired_token_is_replaced(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    fake_github.apps.token_lifetime = 3
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "before")
+    await asyncio.sleep(3.2)
+    await clone(git, proxy, "acme/private", "after")
+    assert counts(fake_github)[1] == 2
+    _first, second = fake_github.apps.minted_tokens
+    assert {seen.token for seen in fake_github.git_requests[-3:]} == {second}
+
+
+async def test_revoked_tokens_heal_on_info_refs(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "before")
+    fake_github.apps.revoke_all_tokens()
+    stderr = await clone(git, proxy, "acme/private", "after")
+    assert counts(fake_github)[1] == 2
+    assert "401" not in stderr
+    rejected = [seen for seen in fake_github.git_requests if seen.status == 401]
+    assert len(rejected) == 1 and rejected[0].path.endswith("info/refs")
+
+
+async def test_one_mint_failure_is_retried_and_never_cached(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.fail_next_mints(1)
+    await clone(git, proxy, "acme/private", "retried")  # the broker's retry absorbs one 500
+    assert [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")] == [500, 201]
+
+
+async def test_persistent_mint_failure_is_a_503_and_the_next_clone_works(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.fail_next_mints(3, status=502)
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
+    assert failed.returncode != 0 and not failed.prompted
+    assert "remote: GitHub API failed for 'acme-app': HTTP 502 after 3 tries" in failed.stderr
+    await clone(git, proxy, "acme/private", "recovered")  # nothing of the failure was cached
+    assert counts(fake_github)[1] == 1
+
+
+async def test_short_rate_limit_is_waited_out(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.rate_limit_next_mints(1, retry_after=1)
+    await clone(git, proxy, "acme/private", "waited")
+    assert [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")] == [403, 201]
+
+
+async def test_long_rate_limit_fails_fast_with_a_readable_503(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.rate_limit_next_mints(1, reset_in=1800)
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
+    assert failed.returncode != 0 and not failed.prompted
+    assert "remote: GitHub rate limit reached for 'acme-app'; it resets at" in failed.stderr
+    assert "503" in failed.stderr
+    assert len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")]) == 1  # no retry storm
+
+
+@pytest.mark.parametrize("offset", [300, -300])
+async def test_clock_skew_is_learned_from_date(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, offset: int
+) -> None:
+    fake_github.clock_offset = offset
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "skewed")
+    accepted = jwt.decode(fake_github.apps.jwts_seen[-1], options={"verify_signature": False})
+    assert accepted["iat"] <= fake_github.now() < accepted["exp"] <= fake_github.now() + 600
+    rejected = [c for c in fake_github.apps.calls if c.status == 401]
+    # GitHub ahead: the backdated iat and 9-minute exp absorb it. GitHub behind: one 401, then its clock is used.
+    assert len(rejected) == (1 if offset < 0 else 0)
+    if offset < 0:
+        assert abs(accepted["iat"] - (fake_github.now() - 60)) < 5
+
+
+async def test_jwt_claims_follow_githubs_rules(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "out")
+    token = fake_github.apps.jwts_seen[0]
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+    claims = jwt.decode(token, acme_app.key.public_key(), algorithms=["RS256"], options={"verify_iat": False})
+    assert claims["iss"] == acme_app.app.client_id
+    assert claims["exp"] - claims["iat"] == 600
+    assert isinstance(claims["iat"], int)
+
+
+async def test_ghes_api_url_app_id_and_fixed_installation(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    config = app_config(
+        fake_github.url, acme_app, apiUrl=f"{fake_github.url}/api/v3", clientId=None,
+        appId=acme_app.app.app_id, installationId=acme_app.installation.id,
+    )  # fmt: skip
+    proxy = await start_proxy(config)
+    await clone(git, proxy, "acme/private", "out")
+    assert counts(fake_github) == (0, 1)  # installationId given: no look-up
+    assert [c.path for c in fake_github.apps.calls] == [f"/app/installations/{acme_app.installation.id}/access_tokens"]
+    claims = jwt.decode(fake_github.apps.jwts_seen[0], options={"verify_signature": False})
+    assert claims["iss"] == str(acme_app.app.app_id)  # a string, as GitHub wants
+
+
+@pytest.mark.parametrize("form", ["pkcs8", "openssh", "inline-escaped", "crlf-quoted"])
+async def test_key_formats(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, tmp_path: Path, form: str
+) -> None:
+    if form == "pkcs8":
+        acme_app.key_file.write_text(pkcs8_pem(acme_app.key))
+        value = str(acme_app.key_file)
+    elif form == "openssh":
+        acme_app.key_file.write_text(openssh_pem(acme_app.key))
+        value = str(acme_app.key_file)
+    elif form == "inline-escaped":
+        value = pkcs8_pem(acme_app.key).replace("\n", "\\n")  # as pasted into one env var
+    else:
+        value = '"' + pkcs8_pem(acme_app.key).replace("\n", "\r\n") + '"\n'
+    proxy = await start_proxy(app_config(fake_github.url, acme_app, privateKey=value))
+    await clone(git, proxy, "acme/private", "out")
+
+
+async def test_concord_secret_file(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, tmp_path: Path
+) -> None:
+    from proxy.testing import pkcs1_pem
+
+    secret = tmp_path / "team-a.json"
+    secret.write_text(
+        json.dumps({"githubAppInstallation": {
+            "apiUrl": fake_github.url, "clientId": acme_app.app.client_id, "privateKey": pkcs1_pem(acme_app.key),
+            "urlPattern": "(?<baseUrl>github\\.com)/acme/.*", "username": "x-access-token",
+        }})
+    )  # fmt: skip
+    config = app_config(fake_github.url, acme_app)
+    config["github"]["appInstallation"] = {"auth": [], "secretFiles": [str(secret)]}
+    proxy = await start_proxy(config)
+    await clone(git, proxy, "acme/private", "out")
+    assert counts(fake_github) == (1, 1)
+
+
+async def test_long_stateless_tokens_work(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    fake_github.apps.long_tokens = True
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "out")
+    (token,) = fake_github.apps.minted_tokens
+    assert len(token) > 500 and "." in token
+    assert minted_tokens_used(fake_github) == {token}
+
+
+async def test_reinstalled_app_is_looked_up_again(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    fake_github.apps.token_lifetime = 2  # so the second clone has to mint with the cached (stale) installation id
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "before")
+    fake_github.apps.reinstall(acme_app.installation)
+    await asyncio.sleep(2.2)
+    await clone(git, proxy, "acme/private", "after")
+    mint_statuses = [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")]
+    assert mint_statuses == [201, 404, 201]
+    assert counts(fake_github) == (2, 2)
+
+
+async def test_not_installed_is_a_readable_403(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    config = app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*")
+    fake_github.create_repo("elsewhere/repo", {"x": b"x"})
+    proxy = await start_proxy(config)
+    failed = await git("clone", f"{proxy}/github.com/elsewhere/repo", "out", check=False)
+    assert failed.returncode != 0 and not failed.prompted
+    assert "remote: GitHub App 'acme-app' is not installed on elsewhere/repo (or cannot see it)" in failed.stderr
+    assert "403" in failed.stderr
+    await git("clone", f"{proxy}/github.com/elsewhere/repo", "again", check=False)
+    assert counts(fake_github)[0] == 0  # the 404 was remembered (5 min): no second look-up call succeeded
+    assert len([c for c in fake_github.apps.calls if c.path.endswith("/installation")]) == 1
+
+
+async def test_wrong_key_is_a_readable_502(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    from proxy.testing import generate_app_key, pkcs1_pem
+
+    acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "out", check=False)
+    assert failed.returncode != 0 and not failed.prompted
+    assert "remote: GitHub rejected the JWT for 'acme-app': A JSON web token could not be decoded" in failed.stderr
+    assert "502" in failed.stderr
