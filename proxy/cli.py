@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from . import __version__
-from .app import build_router, create_app
+from .app import create_app
 from .config import Config, ConfigError, OAuthTokenEntry, load_config
 from .logs import configure_logging
-from .routing import base_url_host
 
 log = logging.getLogger("git_token_proxy")
 
@@ -49,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and list its auth entries")
     check.add_argument("--config", required=True, help="YAML config file")
+    check.add_argument("--repo", help="also resolve this repo (e.g. github.com/acme/app), look it up and mint")
+    check.add_argument("--log-level", default="WARNING")
     check.set_defaults(run=_check)
 
     demo = commands.add_parser("demo", help="clone a private repo from a local fake GitHub through the proxy")
@@ -87,25 +88,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    build_router(config)  # compiles every urlPattern; raises ConfigError naming the entry
-    rows = [("ID", "TYPE", "URL PATTERN", "UPSTREAM")]
-    for entry in config.auth:
-        rows.append((entry.id, entry.type, entry.url_pattern, _upstream_of(entry.url_pattern, config)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
-    hosts = ", ".join(f"{u.host} -> {u.url}{'' if u.anonymous else ' (no anonymous)'}" for u in config.upstreams)
-    print(f"\nupstreams: {hosts}")
-    print(f"{args.config}: OK, {len(config.auth)} auth entries")
-    return 0
+    from .check import run_check
 
-
-def _upstream_of(pattern: str, config: Config) -> str:
-    """Which configured upstream an entry's baseUrl names, so a pattern for an unlisted host stands out."""
-    host = base_url_host(pattern)
-    listed = {upstream.host for upstream in config.upstreams}
-    return host if host in listed else f"(none: {host or '?'} is not in upstreams)"
+    configure_logging(args.log_level)
+    return asyncio.run(run_check(load_config(args.config), args.config, args.repo))
 
 
 def _demo(args: argparse.Namespace) -> int:

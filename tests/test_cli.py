@@ -12,6 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy.check import run_check
+from proxy.config import parse_config
+from proxy.testing import FakeGitHub, generate_app_key, pkcs1_pem, public_pem
+from tests.conftest import AcmeApp, app_config
 
 GOOD = """
 upstreams:
@@ -76,7 +82,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_demo_runs_end_to_end() -> None:
     done = run_cli("demo")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "cloned acme/private-repo through the proxy" in done.stdout
+    assert "3 clones through the proxy" in done.stdout and "1 token was minted" in done.stdout
     assert "Traceback" not in done.stderr
 
 
@@ -116,3 +122,59 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     stderr = process.stderr.read() if process.stderr else ""
     assert f"listening on http://127.0.0.1:{port}" in stderr
     assert "Traceback" not in stderr
+
+
+APP_ENTRY = """
+github:
+  appInstallation:
+    auth:
+      - id: acme-app
+        type: github_app_installation
+        urlPattern: "(?<baseUrl>github\\\\.com)/acme/.*"
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("        privateKey: /nope.pem\n", "auth[0]: clientId or appId is required"),
+        ("        clientId: Iv1\n        privateKey: {missing}\n", "'acme-app': cannot read privateKey file"),
+        ("        clientId: Iv1\n        privateKey: {public}\n", "'acme-app': privateKey ({public}) is a public key"),
+        ("        clientId: Iv1\n", "auth[0].privateKey: Field required"),
+    ],
+)
+def test_broken_app_entries_exit_nonzero_naming_the_key(
+    tmp_path: Path, app_key: rsa.RSAPrivateKey, extra: str, named: str
+) -> None:
+    public = tmp_path / "public.pem"
+    public.write_text(public_pem(app_key))
+    paths = {"missing": str(tmp_path / "missing.pem"), "public": str(public)}
+    config = tmp_path / "config.yaml"
+    config.write_text(APP_ENTRY + extra.format(**paths))
+    for command in ("check", "serve"):
+        done = run_cli(command, "--config", str(config))
+        assert done.returncode == 2, done.stderr
+        assert named.format(**paths) in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+async def test_check_proves_the_key_and_mints_for_a_repo_without_printing_the_token(
+    fake_github: FakeGitHub, acme_app: AcmeApp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = parse_config(app_config(fake_github.url, acme_app))
+    assert await run_check(config, "config.yaml", "github.com/acme/private") == 0
+    out = capsys.readouterr().out
+    assert "acme-app: key SHA256:" in out and "GitHub App 'acme-app'" in out
+    assert f"installation {acme_app.installation.id}: minted a token (not shown)" in out
+    assert "permissions contents:write, metadata:read" in out
+    (token,) = fake_github.apps.minted_tokens
+    assert token not in out
+
+
+async def test_check_fails_when_github_rejects_the_key(
+    fake_github: FakeGitHub, acme_app: AcmeApp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))
+    config = parse_config(app_config(fake_github.url, acme_app))
+    assert await run_check(config, "config.yaml", None) == 1
+    assert "FAILED: GitHub rejected the JWT for 'acme-app'" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""App keys: every format people paste, and errors that name the entry and file without echoing key material."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from proxy.config import ConfigError
+from proxy.credentials.keys import fingerprint_of, load_app_key, normalise_pem
+from proxy.testing import openssh_pem, pkcs1_pem, pkcs8_pem, public_pem
+
+
+@pytest.mark.parametrize("encode", [pkcs1_pem, pkcs8_pem, openssh_pem])
+def test_formats_from_a_file(app_key: rsa.RSAPrivateKey, tmp_path: Path, encode: object) -> None:
+    path = tmp_path / "key.pem"
+    path.write_text(encode(app_key))  # type: ignore[operator]
+    loaded = load_app_key("acme", str(path))
+    assert loaded.key.private_numbers() == app_key.private_numbers()
+    assert loaded.fingerprint == fingerprint_of(app_key)
+    assert loaded.fingerprint.startswith("SHA256:") and "PRIVATE" not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda pem: pem.replace("\n", "\\n"),  # one-line env var
+        lambda pem: pem.replace("\n", "\r\n"),  # Windows editor
+        lambda pem: f'"{pem}"',  # quoted
+        lambda pem: "\n".join("    " + line for line in pem.splitlines()),  # YAML block indentation
+        lambda pem: "  " + pem.replace("\n", "\\r\\n") + "  ",
+    ],
+)
+def test_pasted_keys_are_normalised(app_key: rsa.RSAPrivateKey, mangle: object) -> None:
+    loaded = load_app_key("acme", mangle(pkcs1_pem(app_key)))  # type: ignore[operator]
+    assert loaded.key.private_numbers() == app_key.private_numbers()
+
+
+def test_normalise_pem_is_stable(app_key: rsa.RSAPrivateKey) -> None:
+    pem = pkcs8_pem(app_key)
+    assert normalise_pem(pem) == pem.encode()
+
+
+def test_public_key_is_refused_by_name(app_key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    path = tmp_path / "public.pem"
+    path.write_text(public_pem(app_key))
+    with pytest.raises(ConfigError, match=rf"'acme'.*{path}.*is a public key"):
+        load_app_key("acme", str(path))
+
+
+def test_truncated_key_is_refused_without_echoing_it(app_key: rsa.RSAPrivateKey) -> None:
+    pem = pkcs1_pem(app_key)
+    truncated = pem[: len(pem) // 2] + "\n-----END RSA PRIVATE KEY-----\n"
+    with pytest.raises(ConfigError, match=r"'acme'.*cannot be parsed") as error:
+        load_app_key("acme", truncated)
+    assert pem.splitlines()[1] not in str(error.value)
+
+
+def test_missing_file_names_entry_and_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"'acme'.*cannot read privateKey file {tmp_path}/nope.pem"):
+        load_app_key("acme", str(tmp_path / "nope.pem"))
+
+
+def test_non_rsa_key_is_refused() -> None:
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    with pytest.raises(ConfigError, match="not an RSA key"):
+        load_app_key("acme", pem.decode())
