@@ -112,3 +112,14 @@ def test_concord_duration_strings_are_accepted() -> None:
     config = parse_config({"github": {"appInstallation": {"httpClientTimeout": "30 seconds",
                                                           "systemAuthCacheDuration": "50 minutes"}}})  # fmt: skip
     assert config.github.app_installation.system_auth_cache_duration == 3000
+
+
+def test_example_config_documents_a_valid_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pathlib
+
+    import yaml
+
+    monkeypatch.setenv("CI_BOT_TOKEN", "x")
+    data = yaml.safe_load((pathlib.Path(__file__).parent.parent / "config.example.yaml").read_text())
+    config = parse_config(data)
+    assert [entry.type for entry in config.auth] == ["GITHUB_APP_INSTALLATION", "OAUTH_TOKEN"]
