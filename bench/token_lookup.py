@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.app import build_credential_sources, build_upstream_session, load_app_keys
+from proxy.app import build_api_session, build_credential_sources, load_app_keys
 from proxy.config import parse_config
 from proxy.credentials.github_app import GitHubAppSource
 from proxy.routing import RepoRef
@@ -37,7 +37,7 @@ async def measure(lookups: int) -> None:
             ]}},
         })  # fmt: skip
         try:
-            async with build_upstream_session(config) as session:
+            async with build_api_session(config) as session:
                 sources = build_credential_sources(config, session, load_app_keys(config))
                 app_source = sources["bench"]
                 assert isinstance(app_source, GitHubAppSource)

@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .config import Config, GitHubAppEntry, OAuthTokenEntry
+from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry
 from .credentials import CredentialSource
 from .credentials.cache import TokenCache
 from .credentials.github_api import GitHubAppApi
@@ -47,14 +47,19 @@ def api_url_for(entry: GitHubAppEntry, config: Config) -> str:
     if entry.api_url:
         return entry.api_url
     host = base_url_host(entry.url_pattern)
-    upstream = next((u for u in config.upstreams if u.host == host), None)
-    if upstream is None or upstream.host == "github.com":
+    if host == "github.com":
         return "https://api.github.com"
+    upstream = next((u for u in config.upstreams if u.host == host), None)
+    if upstream is None:
+        # Guessing would send this app's JWT to a host nobody named; better to ask.
+        raise ConfigError(
+            f"auth entry {entry.id!r}: set apiUrl; the urlPattern's baseUrl does not name a configured upstream"
+        )
     return f"{upstream.url}/api/v3"
 
 
 def build_credential_sources(
-    config: Config, session: aiohttp.ClientSession, keys: dict[str, AppKey]
+    config: Config, api_session: aiohttp.ClientSession, keys: dict[str, AppKey]
 ) -> dict[str, CredentialSource]:
     settings = config.github.app_installation
     # One cache for all app entries: its keys carry the API URL and issuer, so entries never share a token.
@@ -70,7 +75,7 @@ def build_credential_sources(
         else:
             api = GitHubAppApi(
                 entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
-                session=session, timeout=settings.http_client_timeout,
+                session=api_session, timeout=settings.http_client_timeout,
             )  # fmt: skip
             sources[entry.id] = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight)
     return sources
@@ -83,10 +88,20 @@ def build_ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def build_upstream_session(config: Config) -> aiohttp.ClientSession:
-    """One session for all upstream traffic, git and API alike, set up to pass bytes through untouched."""
+def build_api_session(config: Config) -> aiohttp.ClientSession:
+    """GitHub API calls get their own connection pool: a mint must never queue behind a hundred long clones."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=build_ssl_context(config)),
+        connector=aiohttp.TCPConnector(ssl=build_ssl_context(config), limit=20),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),  # each call sets its own budget (httpClientTimeout)
+    )
+
+
+def build_upstream_session(config: Config) -> aiohttp.ClientSession:
+    """One session for all git traffic, set up to pass bytes through untouched."""
+    return aiohttp.ClientSession(
+        # limit=0: no pool-wide cap, so the 101st concurrent clone does not wait forever for a free slot.
+        connector=aiohttp.TCPConnector(ssl=build_ssl_context(config), limit=0),
         auto_decompress=False,  # gzip packs and bodies go back to git as they came
         cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another's request
         # aiohttp would add its own User-Agent, Accept, Accept-Encoding and Content-Type: upstream must see git's.
@@ -105,7 +120,13 @@ async def create_app(config: Config) -> web.Application:
     keys = load_app_keys(config)
     app = web.Application(handler_args=SERVER_HANDLER_ARGS)
     session = build_upstream_session(config)
-    sources = build_credential_sources(config, session, keys)
+    api_session = build_api_session(config)
+    try:
+        sources = build_credential_sources(config, api_session, keys)
+    except ConfigError:
+        await session.close()
+        await api_session.close()
+        raise
     app[FORWARD_CONTEXT] = ForwardContext(router, sources, session)
 
     async def close_upstream(app: web.Application) -> AsyncIterator[None]:
@@ -113,6 +134,7 @@ async def create_app(config: Config) -> web.Application:
         for source in sources.values():
             await source.close()
         await session.close()
+        await api_session.close()
 
     app.cleanup_ctx.append(close_upstream)
     app.router.add_get("/healthz", healthz)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .app import build_credential_sources, build_router, build_upstream_session, load_app_keys
+from .app import build_api_session, build_credential_sources, build_router, load_app_keys
 from .config import Config, ConfigError
 from .credentials import CredentialSource
 from .credentials.github_app import GitHubAppSource
@@ -18,7 +18,7 @@ async def run_check(config: Config, source_name: str, repo: str | None) -> int:
     keys = load_app_keys(config)
     _print_entries(config)
     failures = 0
-    async with build_upstream_session(config) as session:
+    async with build_api_session(config) as session:
         sources = build_credential_sources(config, session, keys)
         for entry_id, source in sources.items():
             if isinstance(source, GitHubAppSource):

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -62,7 +63,14 @@ def parse_duration(value: Any) -> float:
     return total
 
 
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
 # ---------------------------------------------------------------- models
@@ -87,9 +95,9 @@ class UpstreamConfig(_Model):
     host: str
     url: str = ""  # empty means https://<host>; filled in by the validator below
     anonymous: bool = True
-    connect_timeout: Duration = 10.0
+    connect_timeout: PositiveDuration = 10.0
     # Between two reads, not for the whole transfer: a large clone may take an hour and must not be cut off.
-    read_timeout: Duration = 300.0
+    read_timeout: PositiveDuration = 300.0
 
     @field_validator("host")
     @classmethod
@@ -102,8 +110,9 @@ class UpstreamConfig(_Model):
     @model_validator(mode="after")
     def _default_url(self) -> UpstreamConfig:
         url = (self.url or f"https://{self.host}").rstrip("/")
-        if not re.match(r"^https?://[^/@\s]+(/[^\s?#]*)?$", url):
-            raise ValueError(f"url {url!r} must be http(s)://host[:port][/path] without credentials")
+        if not re.match(r"^https?://[^/@\s?#]+(/[^\s?#@]*)?$", url):
+            shown = re.sub(r"//[^/]*@", "//<credentials removed>@", url)  # never echo a token someone pasted
+            raise ValueError(f"url {shown!r} must be http(s)://host[:port][/path], without credentials or query")
         object.__setattr__(self, "url", url)
         return self
 
@@ -176,8 +185,8 @@ AuthEntry = Annotated[
 
 
 class AppInstallationConfig(_Model):
-    http_client_timeout: Duration = 30.0
-    system_auth_cache_duration: Duration = 3000.0  # the longest a token is reused, whatever its expiry
+    http_client_timeout: PositiveDuration = 30.0
+    system_auth_cache_duration: PositiveDuration = 3000.0  # the longest a token is reused, whatever its expiry
     refresh_before: Duration = 300.0  # replace a token when less than this remains before it expires
     system_auth_cache_max_weight: int = Field(default=10_000, ge=1)
     auth: list[AuthEntry] = []
@@ -285,7 +294,10 @@ def _describe(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "unknown_type":
-            message = f"unknown type {item['input'].get('type')!r}; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"
+            given = item["input"].get("type") if isinstance(item["input"], Mapping) else None
+            message = f"unknown type {given!r}; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"
+            if not isinstance(item["input"], Mapping):
+                message = "each auth entry must be a mapping of keys (id, type, urlPattern, ...)"
         lines.append(f"{_format_location(item['loc'])}: {message.removeprefix('Value error, ')}")
     return "\n".join(lines)
 

@@ -26,6 +26,10 @@ class HostNotAllowed(ProxyError):
     """The host is not in `upstreams`; no connection is opened."""
 
 
+class BrowserRequestRefused(ProxyError):
+    """A request with browser headers (Origin, Sec-Fetch-*): git never sends them; a web page must not use tokens."""
+
+
 class AnonymousRefused(ProxyError):
     """No auth entry matches and the upstream has `anonymous: false`."""
 
@@ -82,3 +86,7 @@ class GitHubRefused(CredentialError):
 
 class InstallationGone(CredentialError):
     """Minting answered 404: the installation id is stale (the app was reinstalled)."""
+
+    def __init__(self, installation_id: int, message: str) -> None:
+        super().__init__(message)
+        self.installation_id = installation_id

@@ -16,6 +16,7 @@ from .errors import (
     AnonymousRefused,
     AppNotInstalled,
     BadRequestPath,
+    BrowserRequestRefused,
     CredentialError,
     GitHubUnavailable,
     HostNotAllowed,
@@ -54,6 +55,7 @@ _STATUS: dict[type[ProxyError], int] = {
     MethodNotAllowed: 405,
     HostNotAllowed: 403,
     AnonymousRefused: 403,
+    BrowserRequestRefused: 403,
     UpstreamNeedsAuth: 403,
     AppNotInstalled: 403,
     CredentialError: 502,  # JwtRejected, GitHubRefused and anything else a token source cannot overcome
@@ -91,6 +93,7 @@ async def forward_request(request: web.Request) -> web.StreamResponse:
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     route: Route | None = None
     try:
+        _refuse_browsers(request.headers)
         route = context.router.resolve_route(request.method, path, query)
         opened = await _open_upstream(request, route, context)
     except ProxyError as error:
@@ -108,6 +111,13 @@ async def forward_request(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _refuse_browsers(headers: CIMultiDictProxy[str]) -> None:
+    """A web page can reach 127.0.0.1 too (DNS rebinding makes it same-origin). Browsers always mark their
+    requests with Origin or Sec-Fetch-*; git never does. So such a request never gets near a token."""
+    if "Origin" in headers or any(name.lower().startswith("sec-fetch-") for name in headers):
+        raise BrowserRequestRefused("requests from web browsers are refused; this proxy serves git clients only")
+
+
 @dataclass(frozen=True)
 class _Opened:
     upstream: aiohttp.ClientResponse
@@ -120,17 +130,14 @@ async def _open_upstream(request: web.Request, route: Route, context: ForwardCon
     source = context.sources[route.entry.id] if route.entry else None
     credential = await source.get_credential(route.repo) if source else None
     upstream = await _send(request, route, credential, context.session)
-    replayable = request.method == "GET"  # info/refs: no body, and it opens every git operation
-    if (
-        upstream.status == 401
-        and source
-        and credential
-        and replayable
-        and await source.invalidate(credential, route.repo)
-    ):
-        upstream.release()
-        credential = await source.get_credential(route.repo)
-        upstream = await _send(request, route, credential, context.session)
+    if upstream.status == 401 and source and credential:
+        # Whatever the method, a rejected token leaves the cache (LFS is all POSTs). Only a request without a
+        # body can be sent again: GET info/refs, which opens every git operation.
+        renewable = await source.invalidate(credential, route.repo)
+        if renewable and request.method == "GET":
+            upstream.release()
+            credential = await source.get_credential(route.repo)
+            upstream = await _send(request, route, credential, context.session)
     try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))

@@ -47,7 +47,11 @@ class RedactingFilter(logging.Filter):
         self.redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.redactor.redact(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call must not raise at its call site; show what there is
+            message = f"{record.msg} {record.args!r}"
+        record.msg = self.redactor.redact(message)
         record.args = None
         if record.exc_info:
             record.exc_text = self.redactor.redact(logging.Formatter().formatException(record.exc_info))

@@ -206,7 +206,11 @@ def _service_and_query(endpoint: Endpoint, query_string: str) -> tuple[Service, 
 
 def _repo_after(host: str, path_after_base: str, entry_id: str | None) -> RepoRef:
     parts = [part for part in path_after_base.split("/") if part]
-    if len(parts) < 2:
-        where = f"after the baseUrl of entry {entry_id!r}" if entry_id else "after the host"
-        raise BadRequestPath(f"no <owner>/<repo> {where}")
-    return RepoRef(host, parts[0], parts[1].removesuffix(".git"))
+    where = f"after the baseUrl of auth entry {entry_id!r}" if entry_id else "after the host"
+    # With a credential at stake, exactly <owner>/<repo>: deeper paths are not git repos on GitHub.
+    if len(parts) < 2 or (entry_id is not None and len(parts) != 2):
+        raise BadRequestPath(f"expected <owner>/<repo> {where}")
+    name = parts[1].removesuffix(".git")
+    if name in ("", ".", ".."):
+        raise BadRequestPath(f"{parts[1]!r} is not a repository name")
+    return RepoRef(host, parts[0], name)

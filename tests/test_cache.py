@@ -75,17 +75,34 @@ async def test_max_age_caps_reuse() -> None:
     mint = Minter(cache)
     await cache.get("k", mint)
     await asyncio.sleep(0.3)
-    await cache.get("k", mint)
+    await cache.get("k", mint)  # still served (valid for an hour), and replaced in the background
+    await asyncio.sleep(0.01)
     assert mint.calls == 2
+    assert (await cache.get("k", mint)).token == "tok-2"
 
 
-async def test_failed_refresh_keeps_a_still_valid_token() -> None:
+async def test_due_token_serves_while_one_background_refresh_runs() -> None:
+    cache = new_cache(max_age=0.1)
+    mint = Minter(cache, lifetime=3600, delay=0.1)
+    await cache.get("k", mint)
+    await asyncio.sleep(0.15)  # due for refresh, still valid for an hour
+    served = await asyncio.gather(*(cache.get("k", mint) for _ in range(10)))
+    assert {c.token for c in served} == {"tok-1"}  # nobody waited for GitHub
+    await asyncio.sleep(0.15)
+    assert mint.calls == 2
+    assert (await cache.get("k", mint)).token == "tok-2"
+
+
+async def test_failed_background_refresh_backs_off_and_keeps_the_valid_token() -> None:
     cache = new_cache(max_age=0.1)
     mint = Minter(cache, lifetime=3600)
     await cache.get("k", mint)
     await asyncio.sleep(0.15)
     mint.fail_with = RuntimeError("GitHub down")
-    assert (await cache.get("k", mint)).token == "tok-1"
+    for _ in range(20):
+        assert (await cache.get("k", mint)).token == "tok-1"
+        await asyncio.sleep(0.001)
+    assert mint.calls == 2  # one failed attempt, then a pause instead of one attempt per request
 
 
 async def test_evict_drops_only_the_failed_token() -> None:

@@ -25,8 +25,9 @@ async def raw_request(base: str, target: str, method: str = "GET", headers: dict
     """HTTP/1.1 with the request target sent exactly as given: no client library normalises it first."""
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = {"Host": f"{host}:{port}", **(headers or {})}
+    lines = [f"{method} {target} HTTP/1.1", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     if body:
         lines.append(f"Content-Length: {len(body)}")
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -275,3 +276,17 @@ async def test_healthz(start_proxy: StartProxy, trap: TrapServer) -> None:
     proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
     status, _, body = await raw_request(proxy, "/healthz")
     assert (status, body) == (200, b"ok\n")
+
+
+@pytest.mark.parametrize(
+    "browser_header",
+    [{"Origin": "http://attacker.example"}, {"Sec-Fetch-Mode": "cors"}, {"Sec-Fetch-Site": "cross-site"}],
+)
+async def test_browser_requests_never_reach_upstream(
+    start_proxy: StartProxy, trap: TrapServer, browser_header: dict[str, str]
+) -> None:
+    """DNS rebinding lets a web page talk to 127.0.0.1 as same-origin; its requests are refused, whatever the Host."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    status, _, body = await raw_request(proxy, INFO_REFS, headers={"Host": "attacker.example", **browser_header})
+    assert status == 403 and b"web browsers" in body
+    assert trap.accepted == 0

@@ -67,3 +67,17 @@ def test_non_rsa_key_is_refused() -> None:
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     with pytest.raises(ConfigError, match="not an RSA key"):
         load_app_key("acme", pem.decode())
+
+
+def test_base64_encoded_pem_is_accepted(app_key: rsa.RSAPrivateKey) -> None:
+    import base64
+
+    encoded = base64.b64encode(pkcs1_pem(app_key).encode()).decode()
+    assert load_app_key("acme", encoded).key.private_numbers() == app_key.private_numbers()
+
+
+def test_key_material_that_is_not_a_path_is_never_echoed(app_key: rsa.RSAPrivateKey) -> None:
+    body = "".join(pkcs1_pem(app_key).splitlines()[1:-1])  # the PEM without its armour lines
+    with pytest.raises(ConfigError, match="neither a PEM") as error:
+        load_app_key("acme", body[:300] + " " + body[300:])
+    assert body[:40] not in str(error.value)

@@ -163,12 +163,25 @@ def test_git_endpoints_are_routed(method: str, path: str, query: str, service: S
         ("GET", "/github.com/o/./r/info/refs", "service=git-upload-pack", BadRequestPath),
         ("GET", "http://github.com/o/r/info/refs", "service=git-upload-pack", BadRequestPath),
         ("GET", "/github.com/o/r\\x/info/refs", "service=git-upload-pack", BadRequestPath),
+        ("GET", "/github.com/o/..git/info/refs", "service=git-upload-pack", BadRequestPath),
+        ("GET", "/github.com/o/.git/info/refs", "service=git-upload-pack", BadRequestPath),
         ("GET", "/github.com/" + "a/" * 1100 + "info/refs", "service=git-upload-pack", BadRequestPath),
     ],
 )
 def test_everything_else_is_refused(method: str, path: str, query: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         make_router().resolve_route(method, path, query)
+
+
+def test_an_entry_only_covers_exactly_owner_and_repo() -> None:
+    router = make_router(r"(?<baseUrl>github\.com)/acme/.*")
+    with pytest.raises(BadRequestPath, match="expected <owner>/<repo> after the baseUrl of auth entry 'e0'"):
+        router.resolve_route("GET", "/github.com/acme/x/y/z/info/refs", INFO_REFS)
+
+
+def test_dot_github_repos_are_fine() -> None:
+    route = make_router().resolve_route("GET", "/github.com/acme/.github/info/refs", INFO_REFS)
+    assert route.repo.name == ".github"
 
 
 def test_anonymous_false_refuses_repos_no_entry_matches() -> None:

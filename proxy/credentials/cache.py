@@ -18,8 +18,10 @@ from . import Credential
 log = logging.getLogger("git_token_proxy.cache")
 
 T = TypeVar("T")
-# When a refresh fails but the old token still has this long to live, it is used rather than failing the clone.
+# A token due for refresh that still has this long to live keeps serving while the refresh runs in the background.
 STALE_GRACE = 60.0
+# After a background refresh failed, the next one waits this long: an outage must not add a timeout to every clone.
+RETRY_AFTER_FAILURE = 15.0
 
 
 class SingleFlight(Generic[T]):
@@ -29,13 +31,17 @@ class SingleFlight(Generic[T]):
         self._flights: dict[Hashable, asyncio.Future[T]] = {}
 
     async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+        # shield: one impatient client (git killed mid-clone) must not cancel the mint the others wait for.
+        return await asyncio.shield(self.start(key, call))
+
+    def start(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Join the call in flight for `key`, or start one; the caller may await it or leave it running."""
         flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.ensure_future(call())
             self._flights[key] = flight
             flight.add_done_callback(lambda done: self._land(key, done))
-        # shield: one impatient client (git killed mid-clone) must not cancel the mint the others wait for.
-        return await asyncio.shield(flight)
+        return flight
 
     def _land(self, key: Hashable, flight: asyncio.Future[T]) -> None:
         if self._flights.get(key) is flight:
@@ -89,10 +95,10 @@ class TokenCache:
 
     def __init__(self, *, max_entries: int, max_age: float, refresh_before: float) -> None:
         self._store = BoundedStore(max_entries, "tokens")
-        self._flights: SingleFlight[tuple[CachedToken, bool]] = SingleFlight()
+        self._flights: SingleFlight[CachedToken] = SingleFlight()
+        self._next_attempt: dict[str, float] = {}  # key -> monotonic time; set only after a failed refresh
         self.max_age = max_age
         self.refresh_before = refresh_before
-        self.mints = 0
 
     def deadlines(self, lifetime: float) -> tuple[float, float]:
         """(expires, refresh_at) on the monotonic clock for a token with `lifetime` seconds left on GitHub's."""
@@ -106,26 +112,30 @@ class TokenCache:
     async def get(self, key: str, mint: Callable[[], Awaitable[CachedToken]]) -> Credential:
         """The hot path: one dictionary hit while the token is fresh; one shared mint when it is not."""
         cached: CachedToken | None = await self._store.get(key)
-        if cached is not None and time.monotonic() < cached.refresh_at:
+        now = time.monotonic()
+        if cached is not None and now < cached.refresh_at:
             return cached.reused
-        token, minted_here = await self._flights.run(key, lambda: self._refresh(key, cached, mint))
-        return token.minted if minted_here else token.reused
+        if cached is not None and now < cached.expires - STALE_GRACE:
+            # Due for refresh but still good: nobody waits for GitHub. One refresh runs in the background.
+            if now >= self._next_attempt.get(key, 0.0):
+                self._flights.start(key, lambda: self._refresh(key, mint, background=True))
+            return cached.reused
+        token = await self._flights.run(key, lambda: self._refresh(key, mint, background=False))
+        return token.minted  # every waiter here waited for this mint
 
-    async def _refresh(
-        self, key: str, stale: CachedToken | None, mint: Callable[[], Awaitable[CachedToken]]
-    ) -> tuple[CachedToken, bool]:
+    async def _refresh(self, key: str, mint: Callable[[], Awaitable[CachedToken]], background: bool) -> CachedToken:
         try:
             token = await mint()
-        except Exception:
-            # Never cached: the next request tries again. An old token that is still good is better than a
-            # failed clone, though, so it serves until shortly before it expires.
-            if stale is not None and time.monotonic() < stale.expires - STALE_GRACE:
-                log.warning("token refresh failed; the current token stays in use until it nears expiry")
-                return stale, False
+        except Exception as error:
+            # Never cached: the next request that needs a token tries again. Only a background refresh, whose
+            # old token still serves, waits a little before the next attempt.
+            if background:
+                self._next_attempt[key] = time.monotonic() + RETRY_AFTER_FAILURE
+                log.warning("token refresh failed (%s); the current token serves until it nears expiry", error)
             raise
-        self.mints += 1
+        self._next_attempt.pop(key, None)
         await self._store.set(key, token, ttl=token.expires - time.monotonic())
-        return token, True
+        return token
 
     async def evict(self, key: str, credential: Credential) -> bool:
         """Drop the token if it is still the one that failed (a newer one may already have replaced it)."""

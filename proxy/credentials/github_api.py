@@ -76,6 +76,7 @@ class GitHubAppApi:
         self._skew = 0.0  # GitHub's clock minus ours, learned when GitHub complains about iat/exp
         self._jwt: str | None = None
         self._jwt_signed_at = 0.0
+        self._rate_limited_until = 0.0  # wall clock: until then, fail fast without asking GitHub again
 
     # ------------------------------------------------------------ the three calls
 
@@ -98,10 +99,13 @@ class GitHubAppApi:
     async def create_installation_token(self, installation_id: int, scope: dict[str, Any] | None = None) -> MintedToken:
         answer = await self._call("POST", f"/app/installations/{installation_id}/access_tokens", body=scope)
         if answer.status == 404:
-            raise InstallationGone(f"installation {installation_id} of {self.entry_id!r} no longer exists")
+            raise InstallationGone(installation_id, f"installation {installation_id} of {self.entry_id!r} is gone")
         if answer.status != 201 or not isinstance(answer.data.get("token"), str):
             raise GitHubRefused(f"GitHub refused to mint a token for {self.entry_id!r}: {answer.message}")
-        expires_at = datetime.fromisoformat(str(answer.data["expires_at"]).replace("Z", "+00:00"))
+        try:
+            expires_at = datetime.fromisoformat(str(answer.data["expires_at"]).replace("Z", "+00:00"))
+        except (KeyError, ValueError):
+            raise GitHubRefused(f"GitHub's token for {self.entry_id!r} came without a valid expires_at") from None
         github_now = answer.server_time if answer.server_time is not None else time.time() + self._skew
         repositories = answer.data.get("repositories")
         return MintedToken(
@@ -139,13 +143,16 @@ class GitHubAppApi:
     # ------------------------------------------------------------ transport, retries
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
+        self._fail_if_rate_limited()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         url, tries, skew_retried, redirected = f"{self.api_url}{path}", 0, False, False
         while True:
             tries += 1
+            # Each try gets its share of what is left, so one hung connection cannot eat every retry's time.
+            budget = (deadline - loop.time()) / max(1, MAX_TRIES - tries + 1)
             try:
-                answer = await self._send_once(method, url, body, deadline - loop.time())
+                answer = await self._send_once(method, url, body, budget)
             except (TimeoutError, aiohttp.ClientError) as error:
                 if tries < MAX_TRIES and await _backoff(tries, deadline):
                     continue
@@ -165,19 +172,26 @@ class GitHubAppApi:
                 raise JwtRejected(f"GitHub rejected the JWT for {self.entry_id!r}: {answer.message}")
             wait = _rate_limit_wait(answer)
             if wait is not None:
-                if wait <= SHORT_RATE_LIMIT_WAIT and loop.time() + wait < deadline:
+                wait = max(wait, 1.0)  # a reset "now" (clocks differ) must not become a busy loop
+                if wait <= SHORT_RATE_LIMIT_WAIT and tries < MAX_TRIES and loop.time() + wait < deadline:
                     log.info("entry %r: GitHub rate limit, waiting %.1f s", self.entry_id, wait)
                     await asyncio.sleep(wait)
                     continue
-                resets = datetime.fromtimestamp(time.time() + wait, UTC).strftime("%H:%M:%S UTC")
-                raise RateLimited(
-                    f"GitHub rate limit reached for {self.entry_id!r}; it resets at {resets} (in {wait:.0f} s)"
-                )
+                self._rate_limited_until = time.time() + wait
+                self._fail_if_rate_limited()
             location = answer.headers.get("Location", "")
             if answer.status in (301, 302, 307, 308) and not redirected and location.startswith(self.api_url + "/"):
                 url, redirected = location, True  # a renamed repo; never follow off the API host with a JWT
                 continue
             return answer
+
+    def _fail_if_rate_limited(self) -> None:
+        remaining = self._rate_limited_until - time.time()
+        if remaining > 0:
+            resets = datetime.fromtimestamp(self._rate_limited_until, UTC).strftime("%H:%M:%S UTC")
+            raise RateLimited(
+                f"GitHub rate limit reached for {self.entry_id!r}; it resets at {resets} (in {remaining:.0f} s)"
+            )
 
     async def _send_once(self, method: str, url: str, body: dict[str, Any] | None, budget: float) -> _Answer:
         headers = {
@@ -186,8 +200,6 @@ class GitHubAppApi:
             "User-Agent": f"git-token-proxy/{__version__}",
             "Authorization": f"Bearer {self._signed_jwt()}",
         }
-        if body is not None:
-            headers["Content-Type"] = "application/json"  # the shared session skips aiohttp's automatic one
         async with self._session.request(
             method, url, headers=headers, json=body, allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=max(budget, 0.001)),

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..config import GitHubAppEntry
-from ..errors import AppNotInstalled, InstallationGone
+from ..errors import AppNotInstalled, GitHubRefused, InstallationGone
 from ..routing import RepoRef
 from . import Credential
 from .cache import BoundedStore, CachedToken, SingleFlight, TokenCache
@@ -34,9 +34,16 @@ class GitHubAppSource:
     async def get_credential(self, repo: RepoRef) -> Credential:
         try:
             return await self._credential_for(repo)
-        except InstallationGone:
-            # The app was reinstalled: its old installation id is gone. Look it up again, once.
-            await self._installations.delete(self._repo_key(repo))
+        except InstallationGone as gone:
+            if self._entry.installation_id is not None:
+                raise GitHubRefused(
+                    f"installation {gone.installation_id} configured for {self.entry_id!r} does not exist"
+                ) from None
+            # The app was reinstalled: its old id is gone. Forget it (unless a concurrent request already
+            # replaced it) and look it up again, once.
+            key = self._repo_key(repo)
+            if await self._installations.get(key) == gone.installation_id:
+                await self._installations.delete(key)
             return await self._credential_for(repo)
 
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
@@ -82,7 +89,7 @@ class GitHubAppSource:
 
     def token_key(self, installation_id: int) -> str:
         """One token per (API, app, installation, scope): every repo of the installation shares it."""
-        return f"{self._api.api_url}|{self._api.issuer}|{installation_id}|"
+        return f"{self._api.api_url}|{self._api.issuer}|{installation_id}|{self._entry.username}|"
 
     async def _credential_for(self, repo: RepoRef) -> Credential:
         installation_id = await self.installation_for(repo)

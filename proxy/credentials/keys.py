@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +30,39 @@ def normalise_pem(text: str) -> bytes:
 
 
 def load_app_key(entry_id: str, value: str) -> AppKey:
-    """`value` is the PEM itself (it contains `-----BEGIN`) or a path to a file holding it."""
+    """`value` is the PEM itself, the PEM base64-encoded (as Kubernetes Secrets hold it), or a path to a file."""
     if "-----BEGIN" in value:
         source, pem = "inline privateKey", normalise_pem(value)
+    elif (decoded := _base64_pem(value)) is not None:
+        source, pem = "inline base64 privateKey", normalise_pem(decoded)
     else:
-        path = Path(value.strip()).expanduser()
-        source = str(path)
-        try:
-            pem = normalise_pem(path.read_text())
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or "not a text PEM file"
-            raise ConfigError(f"auth entry {entry_id!r}: cannot read privateKey file {path}: {reason}") from None
+        source, pem = _read_key_file(entry_id, value)
     key = _parse_private_key(entry_id, source, pem)
     return AppKey(key, fingerprint_of(key))
+
+
+def _base64_pem(value: str) -> str | None:
+    try:
+        decoded = base64.b64decode("".join(value.split()), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded if "-----BEGIN" in decoded else None
+
+
+def _read_key_file(entry_id: str, value: str) -> tuple[str, bytes]:
+    text = value.strip()
+    # Only something shaped like a path is ever repeated in a message: a mangled key must not end up in a log.
+    if len(text) > 255 or not re.fullmatch(r"[\w./~@+:-]+", text):
+        raise ConfigError(
+            f"auth entry {entry_id!r}: privateKey is neither a PEM (-----BEGIN ... PRIVATE KEY-----), "
+            "a base64-encoded PEM, nor a file path"
+        )
+    path = Path(text).expanduser()
+    try:
+        return str(path), normalise_pem(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not a text PEM file"
+        raise ConfigError(f"auth entry {entry_id!r}: cannot read privateKey file {path}: {reason}") from None
 
 
 def _parse_private_key(entry_id: str, source: str, pem: bytes) -> rsa.RSAPrivateKey:

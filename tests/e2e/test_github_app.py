@@ -254,3 +254,37 @@ async def test_wrong_key_is_a_readable_502(
     assert failed.returncode != 0 and not failed.prompted
     assert "remote: GitHub rejected the JWT for 'acme-app': A JSON web token could not be decoded" in failed.stderr
     assert "502" in failed.stderr
+
+
+async def test_rate_limit_resetting_now_is_not_a_busy_loop(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.rate_limit_next_mints(100, reset_in=0)  # x-ratelimit-reset already reached: "wait 0 s"
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
+    assert failed.returncode != 0 and "remote: GitHub rate limit reached for 'acme-app'" in failed.stderr
+    mint_calls = len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")])
+    assert mint_calls == 3  # three tries, a second apart; not thousands
+    again = await git("clone", f"{proxy}/github.com/acme/private", "again", check=False)
+    assert again.returncode != 0
+    assert len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")]) == mint_calls  # fail fast
+
+
+async def test_revoked_token_is_evicted_by_a_401_on_a_post(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    """LFS is all POSTs: a POST cannot be replayed, but its 401 still evicts the token for the next request."""
+    import aiohttp
+
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "out")
+    fake_github.apps.revoke_all_tokens()
+    batch = f"{proxy}/github.com/acme/private.git/info/lfs/objects/batch"
+    body = {"operation": "download", "objects": [{"oid": "a" * 64, "size": 1}]}
+    headers = {"Accept": "application/vnd.git-lfs+json", "Content-Type": "application/vnd.git-lfs+json"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(batch, json=body, headers=headers) as first:
+            assert first.status == 502 and "rejected the credential" in await first.text()
+        async with session.post(batch, json=body, headers=headers) as second:
+            assert second.status == 200
+    assert counts(fake_github)[1] == 2
