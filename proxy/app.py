@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import __version__
+from .access import AccessControl
 from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry
 from .credentials import CredentialSource
 from .credentials.cache import TokenCache
@@ -22,9 +24,20 @@ from .routing import Router, base_url_host
 
 log = logging.getLogger("git_token_proxy.app")
 
+
 # Server-side request parsing. auto_decompress=False: git gzips upload-pack requests over 1 KiB, and upstream
 # must receive those bytes with their Content-Encoding untouched; aiohttp would otherwise inflate them.
-SERVER_HANDLER_ARGS = {"auto_decompress": False, "max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+def server_handler_args(config: Config) -> dict[str, object]:
+    return {
+        "auto_decompress": False,
+        # Limits set on purpose rather than inherited: git's request lines and headers are short.
+        "max_line_size": 8190,
+        "max_field_size": 8190,
+        "max_headers": 100,
+        # aiohttp arms this when a connection opens and again after each response, and closes a connection that
+        # has not completed a request by then: the header-read timeout that stops slowloris clients.
+        "keepalive_timeout": config.server.header_timeout,
+    }
 
 
 def build_router(config: Config) -> Router:
@@ -100,14 +113,22 @@ def build_api_session(config: Config) -> aiohttp.ClientSession:
 def build_upstream_session(config: Config) -> aiohttp.ClientSession:
     """One session for all git traffic, set up to pass bytes through untouched."""
     return aiohttp.ClientSession(
-        # limit=0: no pool-wide cap, so the 101st concurrent clone does not wait forever for a free slot.
-        connector=aiohttp.TCPConnector(ssl=build_ssl_context(config), limit=0),
+        # Beyond the cap, requests wait for a free connection; none is refused for want of one.
+        connector=aiohttp.TCPConnector(ssl=build_ssl_context(config), limit=config.server.max_upstream_connections),
         auto_decompress=False,  # gzip packs and bodies go back to git as they came
         cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another's request
         # aiohttp would add its own User-Agent, Accept, Accept-Encoding and Content-Type: upstream must see git's.
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None),
     )
+
+
+@web.middleware
+async def refuse_connect(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CONNECT carries an authority, not a path, so no route sees it: refuse it here, plainly."""
+    if request.method == "CONNECT":
+        return web.Response(status=405, text="CONNECT is not supported: this is not a forward proxy\n")
+    return await handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -118,7 +139,7 @@ async def create_app(config: Config) -> web.Application:
     """Build the proxy. Must run inside the event loop that will serve it (the upstream session binds to it)."""
     router = build_router(config)
     keys = load_app_keys(config)
-    app = web.Application(handler_args=SERVER_HANDLER_ARGS)
+    app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     session = build_upstream_session(config)
     api_session = build_api_session(config)
     try:
@@ -127,7 +148,7 @@ async def create_app(config: Config) -> web.Application:
         await session.close()
         await api_session.close()
         raise
-    app[FORWARD_CONTEXT] = ForwardContext(router, sources, session)
+    app[FORWARD_CONTEXT] = ForwardContext(router, AccessControl(config.access.clients), sources, session)
 
     async def close_upstream(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
-from .config import Config, ConfigError, OAuthTokenEntry, load_config
+from .config import Config, ConfigError, OAuthTokenEntry, is_loopback, load_config
 from .logs import configure_logging
 
 log = logging.getLogger("git_token_proxy")
@@ -66,25 +65,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    config.server.refuse_unsafe_bind(host, has_clients=bool(config.access.clients))
     configure_logging(args.log_level, secrets=_static_tokens(config))
-    if not _is_loopback(host):
-        log.warning(
-            "listening on %s, which is not a loopback address: anyone who can reach it can use this proxy's tokens",
-            host,
-        )
+    if not is_loopback(host):
+        log.warning("listening on %s, which is not a loopback address", host)
     log.info("git-token-proxy %s listening on http://%s:%d", __version__, host, port)
     # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests finish, closes the upstream session.
     web.run_app(create_app(config), host=host, port=port, access_log=None, print=None, handle_signals=True)
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -84,6 +86,31 @@ class _Model(BaseModel):
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Without access.clients, anyone who can reach the port uses the tokens: only loopback is allowed by default.
+    allow_unauthenticated: bool = False
+    # A request's headers must be complete this long after the connection opened (or the last response): a client
+    # dribbling bytes (slowloris) is cut off. Also the idle timeout of keep-alive connections.
+    header_timeout: PositiveDuration = 15.0
+    # Concurrent connections to upstreams, all hosts together; requests beyond it wait for a free one.
+    max_upstream_connections: int = Field(default=512, ge=1)
+
+    def refuse_unsafe_bind(self, host: str, has_clients: bool) -> None:
+        if has_clients or self.allow_unauthenticated or is_loopback(host):
+            return
+        raise ConfigError(
+            f"server.host {host!r} is not a loopback address and access.clients is empty: every process that can "
+            "reach it could use this proxy's GitHub tokens. Configure access.clients, or set "
+            "server.allowUnauthenticated: true if the network itself is the boundary (e.g. a pod's own interface)."
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$")
@@ -124,6 +151,7 @@ class TlsConfig(_Model):
 class _EntryBase(_Model):
     url_pattern: str
     username: str = "x-access-token"
+    read_only: bool = False  # refuse pushes (receive-pack, LFS locks) before any token is fetched
 
     @field_validator("type", mode="before", check_fields=False)
     @classmethod
@@ -157,6 +185,16 @@ class GitHubAppEntry(_EntryBase):
     app_id: int | None = None  # GHES before 3.14 accepts only the numeric app id as the JWT issuer
     private_key: SecretStr  # a file path, or the PEM itself; read and parsed once at start-up
     installation_id: int | None = None  # skips the installation look-up
+    # Least privilege: what the minted token may do ({contents: read}, ...) and whether it covers only the repo
+    # being fetched. Both become part of the cache key. readOnly without permissions asks for contents: read.
+    permissions: dict[str, Literal["read", "write", "admin"]] | None = None
+    scope_to_repository: bool = False
+
+    @property
+    def token_permissions(self) -> dict[str, str] | None:
+        if self.permissions is not None:
+            return dict(self.permissions)
+        return {"contents": "read"} if self.read_only else None
 
     @model_validator(mode="after")
     def _has_issuer(self) -> GitHubAppEntry:
@@ -231,8 +269,47 @@ class GitHubConfig(_Model):
     app_installation: AppInstallationConfig = AppInstallationConfig()
 
 
+class AccessClient(_Model):
+    """A client of this proxy: its own secret, the repos it may reach, and whether it may push."""
+
+    name: str
+    token: SecretStr | None = None
+    token_sha256: str | None = None  # hex SHA-256 of the token, so the config file holds no secret
+    repos: list[str] = Field(min_length=1)  # regexes like urlPattern, matched as prefixes of host/owner/repo
+    read_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AccessClient:
+        if (self.token is None) == (self.token_sha256 is None):
+            raise ValueError(f"client {self.name!r}: give exactly one of token and tokenSha256")
+        if self.token_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.token_sha256):
+            raise ValueError(f"client {self.name!r}: tokenSha256 must be 64 hex digits")
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError(f"client {self.name!r}: token is shorter than 16 characters")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        if self.token_sha256 is not None:
+            return bytes.fromhex(self.token_sha256)
+        assert self.token is not None
+        return hashlib.sha256(self.token.get_secret_value().encode()).digest()
+
+
+class AccessConfig(_Model):
+    clients: list[AccessClient] = []
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> AccessConfig:
+        names = [client.name for client in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError("access.clients: every client needs its own name")
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
+    access: AccessConfig = AccessConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig(host="github.com")])
     tls: TlsConfig = TlsConfig()
     github: GitHubConfig = GitHubConfig()
@@ -240,6 +317,11 @@ class Config(_Model):
     @property
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:
         return self.github.app_installation.auth
+
+    @model_validator(mode="after")
+    def _bind_is_safe(self) -> Config:
+        self.server.refuse_unsafe_bind(self.server.host, has_clients=bool(self.access.clients))
+        return self
 
     @model_validator(mode="after")
     def _upstreams_unique(self) -> Config:

@@ -34,6 +34,21 @@ class AnonymousRefused(ProxyError):
     """No auth entry matches and the upstream has `anonymous: false`."""
 
 
+# ---- access control (who may use the proxy)
+
+
+class AuthenticationRequired(ProxyError):
+    """Access control is on and the client sent no valid token: the one 401 this proxy ever sends."""
+
+
+class ClientForbidden(ProxyError):
+    """The client's token is valid, but not for this repo."""
+
+
+class ReadOnlyRefused(ProxyError):
+    """A push (receive-pack, an LFS lock) through a read-only client or auth entry."""
+
+
 # ---- credentials
 
 

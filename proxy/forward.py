@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .access import AccessControl, refuse_writes_through_read_only_entry
 from .credentials import Credential, CredentialSource
 from .errors import (
     AnonymousRefused,
     AppNotInstalled,
+    AuthenticationRequired,
     BadRequestPath,
     BrowserRequestRefused,
+    ClientForbidden,
     CredentialError,
     GitHubUnavailable,
     HostNotAllowed,
@@ -24,6 +29,7 @@ from .errors import (
     NotAGitEndpoint,
     ProxyError,
     RateLimited,
+    ReadOnlyRefused,
     UpstreamBadRedirect,
     UpstreamNeedsAuth,
     UpstreamRefusedAuth,
@@ -33,6 +39,7 @@ from .errors import (
 from .routing import Route, Router
 
 log = logging.getLogger("git_token_proxy.forward")
+audit_log = logging.getLogger("git_token_proxy.audit")
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection, not to the message. `Host` is ours to set,
 # `Expect` is answered by our own server, and the client's own `Authorization`/`Cookie` are never passed on:
@@ -55,6 +62,9 @@ _STATUS: dict[type[ProxyError], int] = {
     MethodNotAllowed: 405,
     HostNotAllowed: 403,
     AnonymousRefused: 403,
+    AuthenticationRequired: 401,
+    ClientForbidden: 403,
+    ReadOnlyRefused: 403,
     BrowserRequestRefused: 403,
     UpstreamNeedsAuth: 403,
     AppNotInstalled: 403,
@@ -80,6 +90,7 @@ class ForwardContext:
     """Everything a request needs, built once per config by `app`."""
 
     router: Router
+    access: AccessControl
     sources: Mapping[str, CredentialSource]
     session: aiohttp.ClientSession
 
@@ -87,27 +98,46 @@ class ForwardContext:
 FORWARD_CONTEXT = web.AppKey("forward_context", ForwardContext)
 
 
-async def forward_request(request: web.Request) -> web.StreamResponse:
-    started = time.monotonic()
-    context = request.app[FORWARD_CONTEXT]
-    path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
+@dataclass
+class _Exchange:
+    """One request as the audit log reports it, filled in as it moves along the data path."""
+
+    started: float
     route: Route | None = None
+    client: str | None = None
+    credential: Credential | None = None
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reason: str | None = None
+
+
+async def forward_request(request: web.Request) -> web.StreamResponse:
+    exchange = _Exchange(time.monotonic())
+    try:
+        return await _forward(request, request.app[FORWARD_CONTEXT], exchange)
+    finally:
+        _audit(request, exchange)
+
+
+async def _forward(request: web.Request, context: ForwardContext, exchange: _Exchange) -> web.StreamResponse:
+    path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
         _refuse_browsers(request.headers)
-        route = context.router.resolve_route(request.method, path, query)
-        opened = await _open_upstream(request, route, context)
+        exchange.route = route = context.router.resolve_route(request.method, path, query)
+        # Who may do what is settled before a token is fetched: a refused push never costs a mint.
+        exchange.client = context.access.admit(request.headers.get("Authorization"), route, request.method)
+        refuse_writes_through_read_only_entry(route, request.method)
+        opened = await _open_upstream(request, route, context, exchange)
     except ProxyError as error:
-        return _refuse(request, error, route)
+        return _refuse(error, exchange)
+    exchange.credential = opened.credential
     response = web.StreamResponse(status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers)
+    exchange.status = response.status
     try:
-        sent = await _stream_back(request, opened.upstream, response)
+        exchange.bytes_out = await _stream_back(request, opened.upstream, response)
     finally:
         opened.upstream.release()
-    log.info(
-        "%s %s %s -> %d (entry %s, %s, %d bytes, %.3fs)",
-        request.method, route.repo, route.service, response.status, route.entry.id if route.entry else "-",
-        opened.credential.origin if opened.credential else "anonymous", sent, time.monotonic() - started,
-    )  # fmt: skip
     return response
 
 
@@ -125,19 +155,19 @@ class _Opened:
     headers: CIMultiDict[str]  # what goes back to git
 
 
-async def _open_upstream(request: web.Request, route: Route, context: ForwardContext) -> _Opened:
+async def _open_upstream(request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange) -> _Opened:
     """Send the request upstream; a 401 on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
-    credential = await source.get_credential(route.repo) if source else None
-    upstream = await _send(request, route, credential, context.session)
+    credential = exchange.credential = await source.get_credential(route.repo) if source else None
+    upstream = await _send(request, route, credential, context.session, exchange)
     if upstream.status == 401 and source and credential:
         # Whatever the method, a rejected token leaves the cache (LFS is all POSTs). Only a request without a
         # body can be sent again: GET info/refs, which opens every git operation.
         renewable = await source.invalidate(credential, route.repo)
         if renewable and request.method == "GET":
             upstream.release()
-            credential = await source.get_credential(route.repo)
-            upstream = await _send(request, route, credential, context.session)
+            credential = exchange.credential = await source.get_credential(route.repo)
+            upstream = await _send(request, route, credential, context.session, exchange)
     try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
@@ -170,18 +200,45 @@ async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, r
     return sent
 
 
-def _refuse(request: web.Request, error: ProxyError, route: Route | None) -> web.Response:
-    status = status_for(error)
-    where = str(route.repo) if route else repr(request.raw_path[:200])
-    log.log(
-        logging.WARNING if status >= 500 else logging.INFO, "%s %s refused %d: %s", request.method, where, status, error
-    )
-    # text/plain: git prints each line as `remote: ...`; no WWW-Authenticate, so git never prompts.
-    return web.Response(status=status, text=f"{error}\n", content_type="text/plain")
+def _refuse(error: ProxyError, exchange: _Exchange) -> web.Response:
+    exchange.status, exchange.reason = status_for(error), str(error)
+    # Only access control's own challenge may make git ask for a password; every other refusal is a reason.
+    challenge = {"WWW-Authenticate": 'Basic realm="git-token-proxy"'} if exchange.status == 401 else None
+    # text/plain: git prints each line as `remote: ...`.
+    return web.Response(status=exchange.status, text=f"{error}\n", content_type="text/plain", headers=challenge)
+
+
+def _audit(request: web.Request, exchange: _Exchange) -> None:
+    """One JSON line per request: who, which repo, what happened, how much. Never a token, only its fingerprint."""
+    route, credential = exchange.route, exchange.credential
+    record = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "client": exchange.client,
+        "method": request.method,
+        "host": route.upstream.host if route else None,
+        "repo": route.repo.full_name if route else None,
+        "service": route.service.value if route else None,
+        "status": exchange.status,
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "duration_ms": round((time.monotonic() - exchange.started) * 1000, 1),
+        "entry": route.entry.id if route and route.entry else None,
+        "token": credential.origin if credential else None,
+        "token_sha256": credential.fingerprint if credential else None,
+    }
+    if exchange.reason:
+        record["reason"] = exchange.reason
+    if not route:
+        record["path"] = request.raw_path[:200]
+    audit_log.info("%s", json.dumps(record, separators=(",", ":")))
 
 
 async def _send(
-    request: web.Request, route: Route, credential: Credential | None, session: aiohttp.ClientSession
+    request: web.Request,
+    route: Route,
+    credential: Credential | None,
+    session: aiohttp.ClientSession,
+    exchange: _Exchange,
 ) -> aiohttp.ClientResponse:
     timeout = aiohttp.ClientTimeout(
         total=None,  # a clone of a large repo may take an hour; only silence is an error
@@ -193,7 +250,7 @@ async def _send(
             request.method,
             route.url,
             headers=_upstream_headers(request.headers, credential),
-            data=_request_body(request),
+            data=_request_body(request, exchange),
             timeout=timeout,
             allow_redirects=False,  # a redirect must never carry the token to another URL
         )
@@ -206,12 +263,18 @@ async def _send(
         raise UpstreamUnreachable(f"request to {route.upstream.host} failed: {type(error).__name__}") from None
 
 
-def _request_body(request: web.Request) -> AsyncIterator[bytes] | None:
+def _request_body(request: web.Request, exchange: _Exchange) -> AsyncIterator[bytes] | None:
     # The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all. With a
     # Content-Length header the upstream request keeps it; without one (a large push) it goes out chunked.
     if not request.body_exists:
         return None
-    return request.content.iter_any()
+    return _counted(request.content, exchange)
+
+
+async def _counted(content: aiohttp.StreamReader, exchange: _Exchange) -> AsyncIterator[bytes]:
+    async for chunk in content.iter_any():
+        exchange.bytes_in += len(chunk)
+        yield chunk
 
 
 def _upstream_headers(headers: CIMultiDictProxy[str], credential: Credential | None) -> CIMultiDict[str]:

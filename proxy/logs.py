@@ -70,4 +70,11 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redac
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiocache").setLevel(logging.WARNING)  # it logs every cache get at DEBUG
+    # Audit lines are JSON documents on their own lines, for log shippers; redacted all the same.
+    audit = logging.StreamHandler(sys.stderr)
+    audit.setFormatter(logging.Formatter("%(message)s"))
+    audit.addFilter(RedactingFilter(redactor))
+    audit_logger = logging.getLogger("git_token_proxy.audit")
+    audit_logger.handlers[:] = [audit]
+    audit_logger.propagate = False
     return redactor

@@ -178,3 +178,11 @@ async def test_check_fails_when_github_rejects_the_key(
     config = parse_config(app_config(fake_github.url, acme_app))
     assert await run_check(config, "config.yaml", None) == 1
     assert "FAILED: GitHub rejected the JWT for 'acme-app'" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_public_bind_without_access_control(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams:\n  - host: github.com\n")
+    done = run_cli("serve", "--config", str(config), "--host", "0.0.0.0", "--port", "0")
+    assert done.returncode == 2
+    assert "not a loopback address and access.clients is empty" in done.stderr and "Traceback" not in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -123,3 +124,24 @@ def test_example_config_documents_a_valid_config(monkeypatch: pytest.MonkeyPatch
     data = yaml.safe_load((pathlib.Path(__file__).parent.parent / "config.example.yaml").read_text())
     config = parse_config(data)
     assert [entry.type for entry in config.auth] == ["GITHUB_APP_INSTALLATION", "OAUTH_TOKEN"]
+
+
+def test_non_loopback_bind_needs_clients_or_an_explicit_opt_out() -> None:
+    with pytest.raises(ConfigError, match=r"server\.host '0\.0\.0\.0' is not a loopback address"):
+        parse_config({"server": {"host": "0.0.0.0"}})
+    parse_config({"server": {"host": "0.0.0.0", "allowUnauthenticated": True}})
+    clients = {"clients": [{"name": "a", "token": "a-long-client-token", "repos": ["github\\.com/.*"]}]}
+    parse_config({"server": {"host": "0.0.0.0"}, "access": clients})
+    parse_config({"server": {"host": "::1"}})
+
+
+@pytest.mark.parametrize(
+    ("client", "message"),
+    [({"name": "a", "repos": ["x"]}, "exactly one of token and tokenSha256"),
+     ({"name": "a", "token": "short", "repos": ["x"]}, "shorter than 16"),
+     ({"name": "a", "tokenSha256": "abc", "repos": ["x"]}, "64 hex digits"),
+     ({"name": "a", "token": "a-long-client-token", "repos": []}, "access.clients[0].repos")],
+)  # fmt: skip
+def test_bad_access_clients(client: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"access": {"clients": [client]}})

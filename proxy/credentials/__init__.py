@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -18,12 +19,14 @@ class Credential:
     username: str
     token: str
     origin: Origin
-    # Computed once per token, not per request: the hot path only copies a string.
+    # Computed once per token, not per request: the hot path only copies strings.
     authorization: str = field(init=False, compare=False)
+    fingerprint: str = field(init=False, compare=False)  # 8 hex digits of SHA-256(token): to correlate, not to use
 
     def __post_init__(self) -> None:
         basic = base64.b64encode(f"{self.username}:{self.token}".encode()).decode("ascii")
         object.__setattr__(self, "authorization", f"Basic {basic}")
+        object.__setattr__(self, "fingerprint", hashlib.sha256(self.token.encode()).hexdigest()[:8])
 
     def __repr__(self) -> str:
         return f"Credential(username={self.username!r}, token=<redacted>, origin={self.origin!r})"

@@ -30,6 +30,10 @@ class GitHubAppSource:
         self._tokens = tokens
         self._installations = BoundedStore(max_entries, f"installations:{entry.id}")
         self._lookups: SingleFlight[int] = SingleFlight()
+        self._permissions = entry.token_permissions
+        # The scope is part of the cache key: a read-only token must never serve a request that wanted more.
+        scope = ",".join(f"{name}:{level}" for name, level in sorted((self._permissions or {}).items()))
+        self._key_prefix = f"{api.api_url}|{api.issuer}|{entry.username}|{scope}|"
 
     async def get_credential(self, repo: RepoRef) -> Credential:
         try:
@@ -52,7 +56,7 @@ class GitHubAppSource:
         if installation_id is None or installation_id == _NOT_INSTALLED:
             return False
         log.warning("entry %r: upstream rejected a cached token; minting a new one", self.entry_id)
-        return await self._tokens.evict(self.token_key(installation_id), credential)
+        return await self._tokens.evict(self.token_key(installation_id, repo), credential)
 
     async def close(self) -> None:
         return None
@@ -87,17 +91,28 @@ class GitHubAppSource:
 
     # ------------------------------------------------------------ tokens
 
-    def token_key(self, installation_id: int) -> str:
-        """One token per (API, app, installation, scope): every repo of the installation shares it."""
-        return f"{self._api.api_url}|{self._api.issuer}|{installation_id}|{self._entry.username}|"
+    def token_key(self, installation_id: int, repo: RepoRef) -> str:
+        """One token per (API, app, username, scope, installation): every repo of the installation shares it,
+        unless scopeToRepository asks for one token per repo."""
+        repo_part = self._repo_key(repo) if self._entry.scope_to_repository else ""
+        return f"{self._key_prefix}{installation_id}|{repo_part}"
 
     async def _credential_for(self, repo: RepoRef) -> Credential:
         installation_id = await self.installation_for(repo)
-        return await self._tokens.get(self.token_key(installation_id), lambda: self._mint(installation_id))
+        key = self.token_key(installation_id, repo)
+        return await self._tokens.get(key, lambda: self._mint(installation_id, repo))
 
-    async def _mint(self, installation_id: int) -> CachedToken:
+    def _scope(self, repo: RepoRef) -> dict[str, object] | None:
+        scope: dict[str, object] = {}
+        if self._permissions:
+            scope["permissions"] = self._permissions
+        if self._entry.scope_to_repository:
+            scope["repositories"] = [repo.name]
+        return scope or None
+
+    async def _mint(self, installation_id: int, repo: RepoRef) -> CachedToken:
         started = time.monotonic()
-        minted = await self._api.create_installation_token(installation_id)
+        minted = await self._api.create_installation_token(installation_id, self._scope(repo))
         expires, refresh_at = self._tokens.deadlines(minted.lifetime)
         credential = Credential(self._entry.username, minted.token, "minted")
         log.info(
@@ -119,4 +134,4 @@ class GitHubAppSource:
         return await self._api.get_app()
 
     async def peek_token(self, repo: RepoRef) -> CachedToken | None:
-        return await self._tokens.peek(self.token_key(await self.installation_for(repo)))
+        return await self._tokens.peek(self.token_key(await self.installation_for(repo), repo))

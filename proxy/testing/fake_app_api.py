@@ -91,6 +91,7 @@ class FakeAppApi:
     installations: dict[int, FakeInstallation] = field(default_factory=dict)
     calls: list[ApiCall] = field(default_factory=list)
     minted_tokens: list[str] = field(default_factory=list)
+    mint_requests: list[dict[str, Any]] = field(default_factory=list)  # the JSON bodies of mint calls
     jwts_seen: list[str] = field(default_factory=list)
     # ---- test controls
     token_lifetime: float = 3600.0
@@ -244,6 +245,7 @@ class FakeAppApi:
         if installation is None or installation.app is not app:
             return _message(404, "Not Found")
         body = await request.json() if request.body_exists else {}
+        self.mint_requests.append(body)
         repos, permissions = installation.repos, dict(installation.permissions)
         if body.get("repositories"):
             repos = frozenset(f"{installation.account}/{name.lower()}" for name in body["repositories"])
