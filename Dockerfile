@@ -1,20 +1,38 @@
 # syntax=docker/dockerfile:1
-# Build stage: wheels are built here, so the runtime image needs no compiler.
+# Build stage: the wheel and its dependencies are built here, so no compiler reaches the runtime image.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-# Runtime: slim, non-root, no build tools. git is not needed to proxy git traffic.
+# Runtime: slim, non-root, nothing written at run time (works with a read-only root filesystem).
+# git is not needed to proxy git traffic, so it is not here.
 FROM python:3.11-slim AS runtime
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin proxy
 USER 10001
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-EXPOSE 8080
+EXPOSE 8080 9090
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["git-token-proxy"]
 CMD ["serve", "--config", "/etc/git-token-proxy/config.yaml"]
+
+# Demo: the runtime plus git, for `docker run --rm --tmpfs /tmp git-token-proxy:demo`.
+FROM runtime AS demo
+USER 0
+# Debian's git is the one git-http-backend the demo needs; pinning its version would break on every point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+USER 10001
+HEALTHCHECK NONE
+CMD ["demo"]
+
+# The default target stays the runtime image.
+FROM runtime

@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.app import build_api_session, build_credential_sources, load_app_keys
+from proxy.app import build_api_session, build_credential_sources, build_token_cache, load_app_keys
 from proxy.config import parse_config
 from proxy.credentials.github_app import GitHubAppSource
+from proxy.metrics import Metrics
 from proxy.routing import RepoRef
 from proxy.testing import FakeGitHub, generate_app_key, pkcs1_pem
 
@@ -38,7 +39,8 @@ async def measure(lookups: int) -> None:
         })  # fmt: skip
         try:
             async with build_api_session(config) as session:
-                sources = build_credential_sources(config, session, load_app_keys(config))
+                keys = load_app_keys(config)
+                sources = build_credential_sources(config, session, keys, build_token_cache(config), Metrics())
                 app_source = sources["bench"]
                 assert isinstance(app_source, GitHubAppSource)
                 repo = RepoRef("github.com", "acme", "app")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
 from .access import AccessControl
@@ -19,7 +24,9 @@ from .credentials.github_api import GitHubAppApi
 from .credentials.github_app import GitHubAppSource
 from .credentials.keys import AppKey, load_app_key
 from .credentials.static import StaticTokenSource
-from .forward import FORWARD_CONTEXT, ForwardContext, forward_request
+from .errors import ProxyError
+from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, forward_request
+from .metrics import Metrics
 from .routing import Router, base_url_host
 
 log = logging.getLogger("git_token_proxy.app")
@@ -71,27 +78,60 @@ def api_url_for(entry: GitHubAppEntry, config: Config) -> str:
     return f"{upstream.url}/api/v3"
 
 
-def build_credential_sources(
-    config: Config, api_session: aiohttp.ClientSession, keys: dict[str, AppKey]
-) -> dict[str, CredentialSource]:
+def build_token_cache(config: Config) -> TokenCache:
     settings = config.github.app_installation
-    # One cache for all app entries: its keys carry the API URL and issuer, so entries never share a token.
-    tokens = TokenCache(
+    # One cache for all app entries: its keys carry the API URL, issuer and scope, so entries never share a token.
+    return TokenCache(
         max_entries=settings.system_auth_cache_max_weight,
         max_age=settings.system_auth_cache_duration,
         refresh_before=settings.refresh_before,
     )
+
+
+def build_credential_sources(
+    config: Config,
+    api_session: aiohttp.ClientSession,
+    keys: dict[str, AppKey],
+    tokens: TokenCache,
+    metrics: Metrics,
+    previous: Mapping[str, CredentialSource] | None = None,
+) -> dict[str, CredentialSource]:
+    """One source per entry. On a reload, a source whose entry and key are unchanged is kept, caches and all."""
+    settings = config.github.app_installation
     sources: dict[str, CredentialSource] = {}
     for entry in config.auth:
-        if isinstance(entry, OAuthTokenEntry):
+        old = (previous or {}).get(entry.id)
+        if old is not None and _unchanged(old, entry, keys):
+            sources[entry.id] = old
+        elif isinstance(entry, OAuthTokenEntry):
             sources[entry.id] = StaticTokenSource(entry)
         else:
             api = GitHubAppApi(
                 entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
                 session=api_session, timeout=settings.http_client_timeout,
             )  # fmt: skip
-            sources[entry.id] = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight)
+            sources[entry.id] = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight, metrics)
     return sources
+
+
+def _unchanged(old: CredentialSource, entry: OAuthTokenEntry | GitHubAppEntry, keys: dict[str, AppKey]) -> bool:
+    """Same entry and, for apps, the same key: a rotated key file means a new source, even under the same path."""
+    new_fingerprint = keys[entry.id].fingerprint if entry.id in keys else None
+    return old.entry == entry and getattr(old, "key_fingerprint", None) == new_fingerprint
+
+
+def build_context(
+    config: Config,
+    session: aiohttp.ClientSession,
+    api_session: aiohttp.ClientSession,
+    tokens: TokenCache,
+    metrics: Metrics,
+    previous: Mapping[str, CredentialSource] | None = None,
+) -> ForwardContext:
+    """Everything that can fail (patterns, keys, apiUrl) fails here, before anything is swapped in."""
+    router = build_router(config)
+    sources = build_credential_sources(config, api_session, load_app_keys(config), tokens, metrics, previous)
+    return ForwardContext(router, AccessControl(config.access.clients), sources, session, metrics)
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext:
@@ -131,34 +171,119 @@ async def refuse_connect(request: web.Request, handler: Handler) -> web.StreamRe
     return await handler(request)
 
 
+@dataclass
+class Proxy:
+    """The long-lived parts of a running proxy. A reload swaps `live.current` and `config`; sessions, the token
+    cache and the metrics stay, so in-flight requests finish and unchanged entries keep their tokens."""
+
+    config: Config
+    live: LiveContext
+    session: aiohttp.ClientSession
+    api_session: aiohttp.ClientSession
+    tokens: TokenCache
+    metrics: Metrics
+    draining: bool = False
+    github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
+
+    @property
+    def app_sources(self) -> dict[str, GitHubAppSource]:
+        return {k: s for k, s in self.live.current.sources.items() if isinstance(s, GitHubAppSource)}
+
+    def reload(self, config: Config) -> None:
+        previous = self.live.current.sources
+        context = build_context(config, self.session, self.api_session, self.tokens, self.metrics, previous)
+        restart_needed = [
+            key for key in ("server", "tls") if getattr(config, key) != getattr(self.config, key)
+        ]  # fmt: skip
+        if restart_needed:
+            log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart_needed))
+        kept = [k for k, s in context.sources.items() if self.live.current.sources.get(k) is s]
+        self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
+        log.info("configuration reloaded: %d auth entries (%d kept with their caches)", len(context.sources), len(kept))
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.api_session.close()
+
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Nothing else, so a GitHub outage never gets the pod restarted."""
     return web.Response(text="ok\n")
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: config loaded and keys parsed (true once serving), not draining, and GitHub reachable if asked."""
+    proxy = request.app[PROXY]
+    if proxy.draining:
+        return web.Response(status=503, text="draining: finishing transfers before shutdown\n")
+    readiness = proxy.config.readiness
+    if readiness.check_github:
+        now = time.monotonic()
+        stale = [k for k in proxy.app_sources if now - proxy.github_ok_at.get(k, -math.inf) > readiness.max_age]
+        if stale:
+            return web.Response(status=503, text=f"no recent successful GET /app for: {', '.join(stale)}\n")
+    return web.Response(text="ready\n")
+
+
+async def _probe_github(proxy: Proxy) -> None:
+    """Every `interval`, prove each app's key against GitHub; /readyz reads the results."""
+    while True:
+        for entry_id, source in proxy.app_sources.items():
+            try:
+                await source.describe_app()
+                proxy.github_ok_at[entry_id] = time.monotonic()
+            except ProxyError as error:
+                log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
+        await asyncio.sleep(proxy.config.readiness.interval)
+
+
+def add_ops_routes(app: web.Application, proxy: Proxy) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
+
+
+def create_ops_app(proxy: Proxy) -> web.Application:
+    """/metrics, /healthz and /readyz alone, for `server.metricsPort`: it stays up while git traffic drains."""
+    app = web.Application()
+    app[PROXY] = proxy
+    add_ops_routes(app, proxy)
+    return app
+
+
 async def create_app(config: Config) -> web.Application:
-    """Build the proxy. Must run inside the event loop that will serve it (the upstream session binds to it)."""
-    router = build_router(config)
-    keys = load_app_keys(config)
-    app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
-    session = build_upstream_session(config)
-    api_session = build_api_session(config)
+    """Build the proxy. Must run inside the event loop that will serve it (the sessions bind to it)."""
+    build_router(config)  # fail on a bad pattern before opening anything
+    metrics = Metrics()
+    tokens = build_token_cache(config)
+    metrics.watch_token_expiry(tokens.seconds_until_soonest_expiry)
+    session, api_session = build_upstream_session(config), build_api_session(config)
     try:
-        sources = build_credential_sources(config, api_session, keys)
+        context = build_context(config, session, api_session, tokens, metrics)
     except ConfigError:
         await session.close()
         await api_session.close()
         raise
-    app[FORWARD_CONTEXT] = ForwardContext(router, AccessControl(config.access.clients), sources, session)
+    proxy = Proxy(config, LiveContext(context), session, api_session, tokens, metrics)
+    app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
+    app[PROXY] = proxy
+    app[FORWARD_CONTEXT] = proxy.live
 
-    async def close_upstream(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        probe = asyncio.create_task(_probe_github(proxy)) if config.readiness.check_github else None
         yield
-        for source in sources.values():
-            await source.close()
-        await session.close()
-        await api_session.close()
+        if probe:
+            probe.cancel()
+        await proxy.close()
 
-    app.cleanup_ctx.append(close_upstream)
-    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(lifecycle)
+    if config.server.metrics_port is None:
+        add_ops_routes(app, proxy)
+    else:
+        app.router.add_get("/healthz", healthz)  # liveness also on the git port, where Docker's HEALTHCHECK looks
     app.router.add_route("*", "/{path:.*}", forward_request)
-    log.debug("git-token-proxy %s: %d upstreams, %d auth entries", __version__, len(config.upstreams), len(sources))
+    log.debug("git-token-proxy %s: %d upstreams, %d auth entries", __version__, len(config.upstreams), len(config.auth))
     return app

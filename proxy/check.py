@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .app import build_api_session, build_credential_sources, build_router, load_app_keys
+from .app import build_api_session, build_credential_sources, build_router, build_token_cache, load_app_keys
 from .config import Config, ConfigError
 from .credentials import CredentialSource
 from .credentials.github_app import GitHubAppSource
 from .errors import ProxyError
+from .metrics import Metrics
 from .routing import RepoRef, Router, base_url_host
 
 
@@ -19,7 +20,7 @@ async def run_check(config: Config, source_name: str, repo: str | None) -> int:
     _print_entries(config)
     failures = 0
     async with build_api_session(config) as session:
-        sources = build_credential_sources(config, session, keys)
+        sources = build_credential_sources(config, session, keys, build_token_cache(config), Metrics())
         for entry_id, source in sources.items():
             if isinstance(source, GitHubAppSource):
                 failures += await _check_app(entry_id, source, keys[entry_id].fingerprint)

@@ -7,11 +7,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-
-from aiohttp import web
+from pathlib import Path
 
 from . import __version__
-from .app import create_app
 from .config import Config, ConfigError, OAuthTokenEntry, is_loopback, load_config
 from .logs import configure_logging
 
@@ -43,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="json lines, or text for terminals"
+    )
+    serve.add_argument("--watch", action="store_true", help="reload the config when the file changes (also: SIGHUP)")
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config and list its auth entries")
@@ -62,17 +64,16 @@ def _static_tokens(config: Config) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
     config = load_config(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     config.server.refuse_unsafe_bind(host, has_clients=bool(config.access.clients))
-    configure_logging(args.log_level, secrets=_static_tokens(config))
+    redactor = configure_logging(args.log_level, secrets=_static_tokens(config), log_format=args.log_format)
     if not is_loopback(host):
         log.warning("listening on %s, which is not a loopback address", host)
-    log.info("git-token-proxy %s listening on http://%s:%d", __version__, host, port)
-    # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests finish, closes the upstream session.
-    web.run_app(create_app(config), host=host, port=port, access_log=None, print=None, handle_signals=True)
-    return 0
+    return asyncio.run(serve(config, Path(args.config), host, port, args.watch, redactor))
 
 
 def _check(args: argparse.Namespace) -> int:

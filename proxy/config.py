@@ -93,6 +93,11 @@ class ServerConfig(_Model):
     header_timeout: PositiveDuration = 15.0
     # Concurrent connections to upstreams, all hosts together; requests beyond it wait for a free one.
     max_upstream_connections: int = Field(default=512, ge=1)
+    # On SIGTERM: stop accepting, let transfers finish for this long, then exit.
+    shutdown_grace: PositiveDuration = 30.0
+    # /metrics, /healthz and /readyz on a port of their own (which stays up while git traffic drains).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str | None = None  # default: server.host
 
     def refuse_unsafe_bind(self, host: str, has_clients: bool) -> None:
         if has_clients or self.allow_unauthenticated or is_loopback(host):
@@ -269,6 +274,13 @@ class GitHubConfig(_Model):
     app_installation: AppInstallationConfig = AppInstallationConfig()
 
 
+class ReadinessConfig(_Model):
+    # /readyz also needs a recent successful GET /app for every app entry.
+    check_github: bool = Field(default=False, alias="checkGitHub")
+    interval: PositiveDuration = 60.0  # how often that check runs
+    max_age: PositiveDuration = 300.0  # how recent a success must be
+
+
 class AccessClient(_Model):
     """A client of this proxy: its own secret, the repos it may reach, and whether it may push."""
 
@@ -310,6 +322,7 @@ class AccessConfig(_Model):
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     access: AccessConfig = AccessConfig()
+    readiness: ReadinessConfig = ReadinessConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig(host="github.com")])
     tls: TlsConfig = TlsConfig()
     github: GitHubConfig = GitHubConfig()

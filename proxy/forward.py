@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +38,8 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .logs import REQUEST_ID
+from .metrics import REFUSED, Metrics
 from .routing import Route, Router
 
 log = logging.getLogger("git_token_proxy.forward")
@@ -93,9 +97,18 @@ class ForwardContext:
     access: AccessControl
     sources: Mapping[str, CredentialSource]
     session: aiohttp.ClientSession
+    metrics: Metrics
 
 
-FORWARD_CONTEXT = web.AppKey("forward_context", ForwardContext)
+@dataclass
+class LiveContext:
+    """A reload replaces `current` in one assignment; a request keeps the context it started with to its end."""
+
+    current: ForwardContext
+
+
+FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -103,6 +116,7 @@ class _Exchange:
     """One request as the audit log reports it, filled in as it moves along the data path."""
 
     started: float
+    request_id: str
     route: Route | None = None
     client: str | None = None
     credential: Credential | None = None
@@ -113,11 +127,21 @@ class _Exchange:
 
 
 async def forward_request(request: web.Request) -> web.StreamResponse:
-    exchange = _Exchange(time.monotonic())
+    context = request.app[FORWARD_CONTEXT].current
+    exchange = _Exchange(time.monotonic(), _request_id(request))
+    REQUEST_ID.set(exchange.request_id)  # every log line of this request (and of a mint it starts) carries it
+    context.metrics.in_flight.inc()
     try:
-        return await _forward(request, request.app[FORWARD_CONTEXT], exchange)
+        return await _forward(request, context, exchange)
     finally:
+        context.metrics.in_flight.dec()
+        _record(context.metrics, exchange)
         _audit(request, exchange)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 async def _forward(request: web.Request, context: ForwardContext, exchange: _Exchange) -> web.StreamResponse:
@@ -133,6 +157,7 @@ async def _forward(request: web.Request, context: ForwardContext, exchange: _Exc
         return _refuse(error, exchange)
     exchange.credential = opened.credential
     response = web.StreamResponse(status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers)
+    response.headers["X-Request-Id"] = exchange.request_id
     exchange.status = response.status
     try:
         exchange.bytes_out = await _stream_back(request, opened.upstream, response)
@@ -158,16 +183,18 @@ class _Opened:
 async def _open_upstream(request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange) -> _Opened:
     """Send the request upstream; a 401 on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
-    credential = exchange.credential = await source.get_credential(route.repo) if source else None
-    upstream = await _send(request, route, credential, context.session, exchange)
+    credential = exchange.credential = await _credential(source, route, context.metrics)
+    upstream = await _send(request, route, credential, context, exchange)
     if upstream.status == 401 and source and credential:
         # Whatever the method, a rejected token leaves the cache (LFS is all POSTs). Only a request without a
         # body can be sent again: GET info/refs, which opens every git operation.
         renewable = await source.invalidate(credential, route.repo)
+        if renewable:
+            context.metrics.heals.labels(source.entry_id).inc()
         if renewable and request.method == "GET":
             upstream.release()
-            credential = exchange.credential = await source.get_credential(route.repo)
-            upstream = await _send(request, route, credential, context.session, exchange)
+            credential = exchange.credential = await _credential(source, route, context.metrics)
+            upstream = await _send(request, route, credential, context, exchange)
     try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
@@ -202,10 +229,19 @@ async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, r
 
 def _refuse(error: ProxyError, exchange: _Exchange) -> web.Response:
     exchange.status, exchange.reason = status_for(error), str(error)
-    # Only access control's own challenge may make git ask for a password; every other refusal is a reason.
-    challenge = {"WWW-Authenticate": 'Basic realm="git-token-proxy"'} if exchange.status == 401 else None
+    headers = {"X-Request-Id": exchange.request_id}
+    if exchange.status == 401:  # only access control's own challenge may make git ask for a password
+        headers["WWW-Authenticate"] = 'Basic realm="git-token-proxy"'
     # text/plain: git prints each line as `remote: ...`.
-    return web.Response(status=exchange.status, text=f"{error}\n", content_type="text/plain", headers=challenge)
+    return web.Response(status=exchange.status, text=f"{error}\n", content_type="text/plain", headers=headers)
+
+
+def _record(metrics: Metrics, exchange: _Exchange) -> None:
+    served = exchange.route is not None and exchange.reason is None
+    service = exchange.route.service.value if served and exchange.route else REFUSED
+    metrics.requests.labels(service, f"{exchange.status // 100}xx").inc()
+    metrics.received_bytes.labels(service).inc(exchange.bytes_in)
+    metrics.sent_bytes.labels(service).inc(exchange.bytes_out)
 
 
 def _audit(request: web.Request, exchange: _Exchange) -> None:
@@ -213,6 +249,7 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
     route, credential = exchange.route, exchange.credential
     record = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "request_id": exchange.request_id,
         "client": exchange.client,
         "method": request.method,
         "host": route.upstream.host if route else None,
@@ -233,11 +270,22 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
     audit_log.info("%s", json.dumps(record, separators=(",", ":")))
 
 
+async def _credential(source: CredentialSource | None, route: Route, metrics: Metrics) -> Credential | None:
+    if source is None:
+        return None
+    credential = await source.get_credential(route.repo)
+    if credential.origin == "cached":
+        metrics.cache_hits.labels(source.entry_id).inc()
+    elif credential.origin == "minted":
+        metrics.cache_misses.labels(source.entry_id).inc()
+    return credential
+
+
 async def _send(
     request: web.Request,
     route: Route,
     credential: Credential | None,
-    session: aiohttp.ClientSession,
+    context: ForwardContext,
     exchange: _Exchange,
 ) -> aiohttp.ClientResponse:
     timeout = aiohttp.ClientTimeout(
@@ -245,8 +293,9 @@ async def _send(
         sock_connect=route.upstream.connect_timeout,
         sock_read=route.upstream.read_timeout,
     )
+    started = time.monotonic()
     try:
-        return await session.request(
+        response = await context.session.request(
             request.method,
             route.url,
             headers=_upstream_headers(request.headers, credential),
@@ -254,6 +303,8 @@ async def _send(
             timeout=timeout,
             allow_redirects=False,  # a redirect must never carry the token to another URL
         )
+        context.metrics.upstream_latency.labels(route.service.value).observe(time.monotonic() - started)
+        return response
     # TimeoutError first: aiohttp's connect and read timeouts are ClientErrors too.
     except TimeoutError:
         raise UpstreamTimeout(f"{route.upstream.host} did not answer in time") from None

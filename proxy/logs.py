@@ -6,6 +6,12 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
+
+from pythonjsonlogger.json import JsonFormatter
+
+# Set by `forward` for each request; asyncio copies it into tasks the request starts (a mint, for instance).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # GitHub tokens: ghs_ (installation, including the long stateless form with dots), ghp_, gho_, ghu_, ghr_.
@@ -59,12 +65,29 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redactor:
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def _formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter(
+            "%(levelname)s %(name)s %(message)s %(request_id)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="ts",  # ISO 8601, UTC
+        )
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_format: str = "text") -> Redactor:
     """Logs go to stderr, every line redacted. Returns the redactor so later-known secrets can be added."""
     redactor = Redactor()
     redactor.add_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_formatter(log_format))
+    handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -37,6 +37,11 @@ class CredentialSource(Protocol):
 
     entry_id: str
 
+    @property
+    def entry(self) -> object:
+        """The config entry it was built from: a reload keeps the source (and its cache) if the entry is unchanged."""
+        ...
+
     async def get_credential(self, repo: RepoRef) -> Credential: ...
 
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:

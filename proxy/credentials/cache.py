@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -97,6 +98,7 @@ class TokenCache:
         self._store = BoundedStore(max_entries, "tokens")
         self._flights: SingleFlight[CachedToken] = SingleFlight()
         self._next_attempt: dict[str, float] = {}  # key -> monotonic time; set only after a failed refresh
+        self._expiries: dict[str, float] = {}  # key -> monotonic expiry, for the soonest-expiry gauge
         self.max_age = max_age
         self.refresh_before = refresh_before
 
@@ -135,6 +137,7 @@ class TokenCache:
             raise
         self._next_attempt.pop(key, None)
         await self._store.set(key, token, ttl=token.expires - time.monotonic())
+        self._expiries[key] = token.expires
         return token
 
     async def evict(self, key: str, credential: Credential) -> bool:
@@ -142,7 +145,16 @@ class TokenCache:
         cached: CachedToken | None = await self._store.get(key)
         if cached is not None and cached.reused.token == credential.token:
             await self._store.delete(key)
+            self._expiries.pop(key, None)
         return True
+
+    def seconds_until_soonest_expiry(self) -> float:
+        """NaN when no token is cached, so an alert on a low value does not fire on an idle proxy."""
+        now = time.monotonic()
+        live = [expires for expires in self._expiries.values() if expires > now]
+        if len(live) < len(self._expiries):  # forget tokens that expired (or fell out of the bounded store)
+            self._expiries = {k: v for k, v in self._expiries.items() if v > now}
+        return min(live) - now if live else math.nan
 
     async def peek(self, key: str) -> CachedToken | None:
         return await self._store.get(key)  # type: ignore[no-any-return]

@@ -77,6 +77,7 @@ class GitHubAppApi:
         self._jwt: str | None = None
         self._jwt_signed_at = 0.0
         self._rate_limited_until = 0.0  # wall clock: until then, fail fast without asking GitHub again
+        self.key_fingerprint = key.fingerprint
 
     # ------------------------------------------------------------ the three calls
 

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from ..config import GitHubAppEntry
-from ..errors import AppNotInstalled, GitHubRefused, InstallationGone
+from ..errors import AppNotInstalled, CredentialError, GitHubRefused, InstallationGone
+from ..metrics import Metrics
 from ..routing import RepoRef
 from . import Credential
 from .cache import BoundedStore, CachedToken, SingleFlight, TokenCache
@@ -23,9 +24,13 @@ _NOT_INSTALLED = -1
 class GitHubAppSource:
     """The credential source of one GITHUB_APP_INSTALLATION entry."""
 
-    def __init__(self, entry: GitHubAppEntry, api: GitHubAppApi, tokens: TokenCache, max_entries: int) -> None:
+    def __init__(
+        self, entry: GitHubAppEntry, api: GitHubAppApi, tokens: TokenCache, max_entries: int, metrics: Metrics
+    ) -> None:
         self.entry_id = entry.id
-        self._entry = entry
+        self.entry = entry
+        self.key_fingerprint = api.key_fingerprint
+        self._metrics = metrics
         self._api = api
         self._tokens = tokens
         self._installations = BoundedStore(max_entries, f"installations:{entry.id}")
@@ -39,7 +44,7 @@ class GitHubAppSource:
         try:
             return await self._credential_for(repo)
         except InstallationGone as gone:
-            if self._entry.installation_id is not None:
+            if self.entry.installation_id is not None:
                 raise GitHubRefused(
                     f"installation {gone.installation_id} configured for {self.entry_id!r} does not exist"
                 ) from None
@@ -52,7 +57,7 @@ class GitHubAppSource:
 
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
         """Upstream answered 401 to this token (revoked, or expired early): drop it so the retry mints anew."""
-        installation_id = await self._installations.get(self._repo_key(repo)) or self._entry.installation_id
+        installation_id = await self._installations.get(self._repo_key(repo)) or self.entry.installation_id
         if installation_id is None or installation_id == _NOT_INSTALLED:
             return False
         log.warning("entry %r: upstream rejected a cached token; minting a new one", self.entry_id)
@@ -64,8 +69,8 @@ class GitHubAppSource:
     # ------------------------------------------------------------ installation ids
 
     async def installation_for(self, repo: RepoRef) -> int:
-        if self._entry.installation_id is not None:
-            return self._entry.installation_id
+        if self.entry.installation_id is not None:
+            return self.entry.installation_id
         key = self._repo_key(repo)
         known = await self._installations.get(key)
         if known is None:
@@ -79,8 +84,12 @@ class GitHubAppSource:
     async def _look_up(self, repo: RepoRef, key: str) -> int:
         try:
             installation_id = await self._api.find_installation(repo.owner, repo.name)
-        except AppNotInstalled:
+        except AppNotInstalled as error:
+            self._metrics.mint_failed(self.entry_id, error)
             await self._installations.set(key, _NOT_INSTALLED, NOT_INSTALLED_TTL)
+            raise
+        except CredentialError as error:
+            self._metrics.mint_failed(self.entry_id, error)
             raise
         # Only answers are cached; a 5xx or a timeout raised above and left nothing behind.
         await self._installations.set(key, installation_id, INSTALLATION_TTL)
@@ -94,7 +103,7 @@ class GitHubAppSource:
     def token_key(self, installation_id: int, repo: RepoRef) -> str:
         """One token per (API, app, username, scope, installation): every repo of the installation shares it,
         unless scopeToRepository asks for one token per repo."""
-        repo_part = self._repo_key(repo) if self._entry.scope_to_repository else ""
+        repo_part = self._repo_key(repo) if self.entry.scope_to_repository else ""
         return f"{self._key_prefix}{installation_id}|{repo_part}"
 
     async def _credential_for(self, repo: RepoRef) -> Credential:
@@ -106,15 +115,23 @@ class GitHubAppSource:
         scope: dict[str, object] = {}
         if self._permissions:
             scope["permissions"] = self._permissions
-        if self._entry.scope_to_repository:
+        if self.entry.scope_to_repository:
             scope["repositories"] = [repo.name]
         return scope or None
 
     async def _mint(self, installation_id: int, repo: RepoRef) -> CachedToken:
         started = time.monotonic()
-        minted = await self._api.create_installation_token(installation_id, self._scope(repo))
+        try:
+            minted = await self._api.create_installation_token(installation_id, self._scope(repo))
+        except InstallationGone:
+            raise  # not a failure: get_credential looks the installation up again
+        except CredentialError as error:
+            self._metrics.mint_failed(self.entry_id, error)
+            raise
+        self._metrics.mints.labels(self.entry_id).inc()
+        self._metrics.mint_latency.labels(self.entry_id).observe(time.monotonic() - started)
         expires, refresh_at = self._tokens.deadlines(minted.lifetime)
-        credential = Credential(self._entry.username, minted.token, "minted")
+        credential = Credential(self.entry.username, minted.token, "minted")
         log.info(
             "entry %r: minted a token for installation %d in %.0f ms; expires %s, refresh in %.0f s",
             self.entry_id, installation_id, (time.monotonic() - started) * 1000,
@@ -122,7 +139,7 @@ class GitHubAppSource:
         )  # fmt: skip
         return CachedToken(
             minted=credential,
-            reused=Credential(self._entry.username, minted.token, "cached"),
+            reused=Credential(self.entry.username, minted.token, "cached"),
             expires_at_wall=minted.expires_at.isoformat(),
             expires=expires,
             refresh_at=refresh_at,

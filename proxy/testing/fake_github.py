@@ -62,6 +62,7 @@ class FakeGitHub:
     grants: dict[str, Grant] = field(default_factory=dict)
     public_repos: set[str] = field(default_factory=set)
     clock_offset: float = 0.0  # seconds this GitHub's clock is ahead of the machine's (Date headers, JWT checks)
+    git_bytes_per_second: float | None = None  # throttle git responses, to keep a transfer going for a while
     url: str = ""
     _runner: web.AppRunner | None = None
 

@@ -26,7 +26,12 @@ def find_http_backend() -> str:
 
 
 async def serve_with_http_backend(
-    request: web.Request, project_root: Path, path_info: str, remote_user: str | None, backend: str
+    request: web.Request,
+    project_root: Path,
+    path_info: str,
+    remote_user: str | None,
+    backend: str,
+    bytes_per_second: float | None = None,
 ) -> web.StreamResponse:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -58,6 +63,8 @@ async def serve_with_http_backend(
         await response.prepare(request)
         while chunk := await process.stdout.read(65536):
             await response.write(chunk)
+            if bytes_per_second:  # a slow GitHub, for tests that need a transfer to last
+                await asyncio.sleep(len(chunk) / bytes_per_second)
         await response.write_eof()
         return response
     finally:

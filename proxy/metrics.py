@@ -1,0 +1,78 @@
+"""Metrics: Prometheus counters for requests, bytes, latency and the token cache, labelled by service and entry only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .errors import AppNotInstalled, CredentialError, JwtRejected, RateLimited
+
+# Labels are bounded on purpose: services and entry ids come from code and config, never from a repo name or a
+# client address, so a scan of random paths cannot blow up the series count.
+REFUSED = "refused"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def mint_failure_reason(error: CredentialError) -> str:
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, AppNotInstalled):
+        return "not_installed"
+    if isinstance(error, JwtRejected):
+        return "jwt_rejected"
+    return "upstream_error"
+
+
+class Metrics:
+    """One per process, in its own registry (no global state), passed to whoever records something."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "git_token_proxy_requests", "Requests by git service and status class", ["service", "status_class"],
+            registry=r,
+        )  # fmt: skip
+        self.received_bytes = Counter(
+            "git_token_proxy_received_bytes", "Request body bytes received from clients", ["service"], registry=r
+        )
+        self.sent_bytes = Counter(
+            "git_token_proxy_sent_bytes", "Response body bytes sent to clients", ["service"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "git_token_proxy_upstream_response_seconds", "Time until the upstream's response headers arrived",
+            ["service"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("git_token_proxy_requests_in_flight", "Requests being served", registry=r)
+        self.cache_hits = Counter(
+            "git_token_proxy_token_cache_hits", "Requests served with a cached token", ["entry"], registry=r
+        )
+        self.cache_misses = Counter(
+            "git_token_proxy_token_cache_misses", "Requests that waited for a token to be minted", ["entry"], registry=r
+        )
+        self.mints = Counter("git_token_proxy_token_mints", "Installation tokens minted", ["entry"], registry=r)
+        self.mint_failures = Counter(
+            "git_token_proxy_token_mint_failures", "Failed attempts to get a token, by reason", ["entry", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.mint_latency = Histogram(
+            "git_token_proxy_token_mint_seconds", "Time to mint an installation token", ["entry"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.heals = Counter(
+            "git_token_proxy_token_heals", "Tokens rejected by upstream (401), evicted and minted anew", ["entry"],
+            registry=r,
+        )  # fmt: skip
+        self.soonest_expiry = Gauge(
+            "git_token_proxy_token_soonest_expiry_seconds", "Seconds until the soonest cached token expires",
+            registry=r,
+        )  # fmt: skip
+        self.soonest_expiry.set_function(lambda: math.nan)
+
+    def watch_token_expiry(self, seconds_until_soonest: Callable[[], float]) -> None:
+        self.soonest_expiry.set_function(seconds_until_soonest)
+
+    def mint_failed(self, entry: str, error: CredentialError) -> None:
+        self.mint_failures.labels(entry, mint_failure_reason(error)).inc()

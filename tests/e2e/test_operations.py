@@ -1,0 +1,209 @@
+"""Operations, against `git-token-proxy serve` in its own process: drain on SIGTERM, reload on SIGHUP and on change,
+JSON logs with request ids and no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.testing import FakeGitHub
+from tests.conftest import AcmeApp, Git, app_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    """`python -m proxy serve` with a config file we can rewrite, and its stderr kept for reading."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], *extra: str) -> None:
+        self.config_path = tmp_path / "config.yaml"
+        self.stderr_path = tmp_path / "serve.stderr"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra = extra
+        self.write_config(config)
+        self.process: asyncio.subprocess.Process | None = None
+        self.terminated = False
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        temporary = self.config_path.with_suffix(".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, self.config_path)  # atomic, as a ConfigMap update would be
+
+    async def start(self) -> None:
+        args = ["-m", "proxy", "serve", "--config", str(self.config_path), "--port", str(self.port), *self.extra]
+        with self.stderr_path.open("wb") as stderr:
+            self.process = await asyncio.create_subprocess_exec(sys.executable, *args, stderr=stderr)
+        await self.wait_for(lambda: self.answers("/healthz"), "the proxy to start")
+
+    def answers(self, path: str) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stderr.splitlines() if line.strip()]
+
+    async def wait_for(self, condition: Any, what: str, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert self.process is None or self.process.returncode is None, f"serve exited:\n{self.stderr}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.stderr}"
+            await asyncio.sleep(0.05)
+
+    async def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.terminated |= signum == signal.SIGTERM
+        self.process.send_signal(signum)
+
+    async def stop(self) -> int:
+        """SIGTERM once (a second one, after the drain ended, would meet the default handler), then the exit code."""
+        assert self.process is not None
+        if not self.terminated:
+            await self.signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 30)
+
+
+@pytest.fixture
+async def serve_process(tmp_path: Path) -> Any:
+    started: list[ServeProcess] = []
+
+    async def start(config: dict[str, Any], *extra: str) -> ServeProcess:
+        process = ServeProcess(tmp_path, config, *extra)
+        started.append(process)
+        await process.start()
+        return process
+
+    yield start
+    for process in started:
+        if process.process and process.process.returncode is None:
+            process.process.kill()
+            await process.process.wait()
+
+
+def with_octo_entry(config: dict[str, Any], acme: AcmeApp) -> dict[str, Any]:
+    entries = config["github"]["appInstallation"]["auth"]
+    entries.append({**entries[0], "id": "octo-app", "urlPattern": r"(?<baseUrl>github\.com)/octo/.*"})
+    return config
+
+
+async def test_sigterm_lets_a_large_clone_finish_and_exits_zero(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    files = {f"blob-{i:02}.bin": os.urandom(2 * 1024 * 1024) for i in range(26)}  # 52 MiB, incompressible
+    fake_github.create_repo("acme/big", {**files, "name.txt": b"big"})
+    fake_github.git_bytes_per_second = 20 * 1024 * 1024  # about 2.5 s of transfer
+    metrics_port = free_port()
+    config = app_config(fake_github.url, acme_app)
+    config["server"] = {"metricsPort": metrics_port, "shutdownGrace": "20s"}
+    proxy = await serve_process(config, "--log-format", "json")
+
+    clone = asyncio.create_task(git("clone", "--quiet", "--bare", f"{proxy.url}/github.com/acme/big", "big.git"))
+    await proxy.wait_for(lambda: any(s.path.endswith("git-upload-pack") for s in fake_github.seen), "the pack")
+    await asyncio.sleep(0.3)
+    await proxy.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    async with aiohttp.ClientSession() as session:
+        statuses = []
+        while not clone.done():
+            try:
+                async with session.get(f"http://127.0.0.1:{metrics_port}/readyz") as response:
+                    statuses.append(response.status)
+            except aiohttp.ClientError:
+                statuses.append(0)  # the ops site closes once the transfer is out, while git still indexes
+            await asyncio.sleep(0.1)
+    assert 503 in statuses  # draining shows on the ops port while the transfer goes on
+    await clone  # the clone completed
+    count = await git("count-objects", "-v", cwd=git.workdir / "big.git")
+    assert "size-pack: 5" in count.stdout  # ~52 MiB of pack arrived
+    assert await proxy.stop() == 0
+    assert time.monotonic() - signalled < 20
+    assert "stopping: no new connections" in proxy.stderr
+
+
+async def test_sighup_reloads_atomically_and_keeps_unchanged_tokens(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    fake_github.apps.add_installation(acme_app.app, "octo")
+    fake_github.create_repo("octo/tool", {"name.txt": b"tool"})
+    config = app_config(fake_github.url, acme_app)
+    proxy = await serve_process(config)
+
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "before")
+    refused = await git("clone", f"{proxy.url}/github.com/octo/tool", "refused", check=False)
+    assert refused.returncode != 0 and "no auth entry" in refused.stderr
+
+    proxy.write_config(with_octo_entry(config, acme_app))
+    await proxy.signal(signal.SIGHUP)
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the reload")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")  # the new entry, no restart
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "after")
+    assert fake_github.apps.count("mint") == 2  # one for octo; acme's token survived the reload
+
+    proxy.write_config("github: [this is not: a valid config\n")
+    await proxy.signal(signal.SIGHUP)
+    await proxy.wait_for(lambda: "reload rejected" in proxy.stderr, "the rejection")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "still")  # the old config still serves
+    assert await proxy.stop() == 0
+
+    lines = proxy.log_lines()  # every line is JSON (this would raise otherwise)
+    audit = [line for line in lines if "status" in line and "repo" in line]
+    assert audit and all(line["request_id"] for line in audit)
+    assert any(line.get("level") == "ERROR" and "reload rejected" in line["message"] for line in lines)
+    for token in fake_github.apps.minted_tokens:
+        assert token not in proxy.stderr
+
+
+async def test_watch_reloads_when_the_file_changes(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    fake_github.apps.add_installation(acme_app.app, "octo")
+    fake_github.create_repo("octo/tool", {"name.txt": b"tool"})
+    config = app_config(fake_github.url, acme_app)
+    proxy = await serve_process(config, "--watch")
+    proxy.write_config(with_octo_entry(config, acme_app))
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the watcher", seconds=15)
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")
+    assert await proxy.stop() == 0
+
+
+async def test_request_ids_come_back_and_reach_the_logs(
+    fake_github: FakeGitHub, acme_app: AcmeApp, serve_process: Any
+) -> None:
+    proxy = await serve_process(app_config(fake_github.url, acme_app))
+    async with aiohttp.ClientSession() as session:
+        target = f"{proxy.url}/github.com/acme/private.git/info/refs?service=git-upload-pack"
+        async with session.get(target, headers={"X-Request-Id": "ci-job-42"}) as given:
+            assert given.headers["X-Request-Id"] == "ci-job-42"
+        async with session.get(target) as generated:
+            generated_id = generated.headers["X-Request-Id"]
+    assert await proxy.stop() == 0
+    lines = proxy.log_lines()
+    ids = {line.get("request_id") for line in lines}
+    assert {"ci-job-42", generated_id} <= ids
+    minted = [line for line in lines if "minted a token" in line.get("message", "")]
+    assert minted and minted[0]["request_id"] == "ci-job-42"  # the mint's log line belongs to the request

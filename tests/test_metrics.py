@@ -1,0 +1,94 @@
+"""Metrics: /metrics parses as Prometheus text and its counters move as they should across real git traffic."""
+
+from __future__ import annotations
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.testing import FakeGitHub
+from tests.conftest import AcmeApp, Git, StartProxy, app_config
+
+
+async def scrape(proxy: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_follow_cold_warm_refused_failed_and_healed_traffic(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    config = app_config(fake_github.url, acme_app)
+    # A second app entry for another org, whose mints will fail.
+    other = fake_github.apps.add_installation(acme_app.app, "octo")
+    fake_github.create_repo("octo/tool", {"name.txt": b"tool"})
+    config["github"]["appInstallation"]["auth"].append(
+        {**config["github"]["appInstallation"]["auth"][0], "id": "octo-app",
+         "urlPattern": r"(?<baseUrl>github\.com)/octo/.*", "installationId": other.id}
+    )  # fmt: skip
+    proxy = await start_proxy(config)
+
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "cold")
+    after_cold = await scrape(proxy)
+    assert value(after_cold, "git_token_proxy_token_mints_total", entry="acme-app") == 1
+    assert value(after_cold, "git_token_proxy_token_cache_misses_total", entry="acme-app") == 1
+    cold_hits = value(after_cold, "git_token_proxy_token_cache_hits_total", entry="acme-app")
+    served = value(after_cold, "git_token_proxy_requests_total", service="upload-pack", status_class="2xx")
+    assert served >= 2 and cold_hits == served - 1
+    assert value(after_cold, "git_token_proxy_token_mint_seconds_count", entry="acme-app") == 1
+    assert 3500 < value(after_cold, "git_token_proxy_token_soonest_expiry_seconds") <= 3600
+
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "warm")
+    after_warm = await scrape(proxy)
+    assert value(after_warm, "git_token_proxy_token_mints_total", entry="acme-app") == 1
+    assert value(after_warm, "git_token_proxy_token_cache_hits_total", entry="acme-app") == cold_hits + served
+    assert value(after_warm, "git_token_proxy_sent_bytes_total", service="upload-pack") > value(
+        after_cold, "git_token_proxy_sent_bytes_total", service="upload-pack"
+    )
+
+    await git("clone", f"{proxy}/evil.example/acme/private", "refused", check=False)
+    fake_github.apps.fail_next_mints(3)
+    await git("clone", f"{proxy}/github.com/octo/tool", "failed", check=False)
+    fake_github.apps.revoke_all_tokens()
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "healed")
+
+    final = await scrape(proxy)
+    assert value(final, "git_token_proxy_requests_total", service="refused", status_class="4xx") >= 1
+    assert value(final, "git_token_proxy_token_mint_failures_total", entry="octo-app", reason="upstream_error") == 1
+    assert value(final, "git_token_proxy_token_heals_total", entry="acme-app") == 1
+    assert value(final, "git_token_proxy_token_mints_total", entry="acme-app") == 2
+    assert value(final, "git_token_proxy_requests_in_flight") == 0  # /metrics itself is not a git request
+    assert value(final, "git_token_proxy_requests_total", service="refused", status_class="5xx") >= 1  # octo
+    assert value(final, "git_token_proxy_upstream_response_seconds_count", service="upload-pack") >= 3 * served
+    labels = {dict(labels).get("entry") for (_, labels) in final if dict(labels).get("entry")}
+    assert labels == {"acme-app", "octo-app"}  # bounded: entries only, never repos or clients
+
+
+async def test_readyz_follows_the_github_check(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy
+) -> None:
+    import asyncio
+
+    from proxy.testing import generate_app_key, pkcs1_pem
+
+    readiness = {"checkGitHub": True, "interval": "200ms", "maxAge": "1s"}
+    good = await start_proxy({**app_config(fake_github.url, acme_app), "readiness": readiness})
+    acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))  # a second proxy, with a key GitHub rejects
+    bad = await start_proxy({**app_config(fake_github.url, acme_app), "readiness": readiness})
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{good}/readyz") as ready:
+            assert (ready.status, await ready.text()) == (200, "ready\n")
+        async with session.get(f"{bad}/readyz") as not_ready:
+            assert not_ready.status == 503 and "acme-app" in await not_ready.text()
+        async with session.get(f"{bad}/healthz") as alive:
+            assert alive.status == 200  # liveness never depends on GitHub
