@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from .app import create_app
@@ -110,9 +111,21 @@ async def _run(root: Path, fake: FakeGitHub, runners: list[web.AppRunner]) -> in
     for seen in git_requests:
         flag = "with an installation token" if seen.authorized else "WITHOUT credentials"
         print(f"    {seen.method:4} {seen.path}{'?' + seen.query if seen.query else ''}  -> {seen.status}  {flag}")
+    await _show_metrics(proxy_url)
     print(f"\nResult: 3 clones through the proxy; {with_token} of {len(git_requests)} git requests carried a token,")
     print(f"{fake.apps.count('mint')} token was minted for all of them, and no git client ever held a credential.")
     return 0
+
+
+async def _show_metrics(proxy_url: str) -> None:
+    _step(f"The proxy's own view: GET {proxy_url}/metrics (non-zero series, histogram buckets left out)")
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy_url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        name_and_labels, _, value = line.rpartition(" ")
+        wanted = line.startswith("git_token_proxy_") and "_bucket" not in line and "_created" not in line
+        if wanted and value not in ("0.0", "NaN"):
+            print(f"    {name_and_labels} {value}")
 
 
 async def _clone_and_report(fake: FakeGitHub, env: dict[str, str], root: Path, title: str, repo: str,
