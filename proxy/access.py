@@ -6,45 +6,70 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from aiohttp import web
 
 from .config import AccessClient, ConfigError
 from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused
 from .routing import Route, Service, translate_java_regex
 
-# Writes: receive-pack, and LFS lock changes. (An LFS upload is a batch POST whose body says "upload"; the proxy
-# does not read bodies, so read-only entries rely on the token's own permissions for those.)
-_WRITE_ENDPOINT_SUFFIXES = ("/info/lfs/locks", "/unlock")
+# Writes: receive-pack, LFS lock changes, and LFS batch requests whose operation is "upload".
+_LOCK_WRITE_SUFFIXES = ("/info/lfs/locks", "/unlock")
+_LFS_BATCH_SUFFIX = "/info/lfs/objects/batch"
+LFS_BATCH_LIMIT = 1024 * 1024  # a batch request lists object ids and sizes; a megabyte is thousands of objects
+
+
+def _path(route: Route) -> str:
+    return route.url.split("?", 1)[0]
 
 
 def is_write(route: Route, method: str) -> bool:
     if route.service is Service.RECEIVE_PACK:
         return True
-    path = route.url.split("?", 1)[0]
-    return route.service is Service.LFS and method == "POST" and path.endswith(_WRITE_ENDPOINT_SUFFIXES)
-
-
-def refuse_writes_through_read_only_entry(route: Route, method: str) -> None:
-    if route.entry is not None and route.entry.read_only and is_write(route, method):
-        raise ReadOnlyRefused(f"auth entry {route.entry.id!r} is read-only: pushes to {route.repo} are refused")
+    return route.service is Service.LFS and method == "POST" and _path(route).endswith(_LOCK_WRITE_SUFFIXES)
 
 
 @dataclass(frozen=True)
-class _Client:
+class Client:
     name: str
     digest: bytes
     repos: tuple[re.Pattern[str], ...]
     read_only: bool
 
 
+async def enforce_read_only(request: web.Request, route: Route, client: Client | None) -> bytes | None:
+    """Refuse writes for a read-only client or entry. An LFS batch request is read (bounded) to see whether it
+    uploads; its bytes are returned, to be forwarded as they came. None: nothing was read, stream as usual."""
+    if client is not None and client.read_only:
+        who = f"client {client.name!r}"
+    elif route.entry is not None and route.entry.read_only:
+        who = f"auth entry {route.entry.id!r}"
+    else:
+        return None
+    if is_write(route, request.method):
+        raise ReadOnlyRefused(f"{who} is read-only: pushes to {route.repo} are refused")
+    if not _path(route).endswith(_LFS_BATCH_SUFFIX):
+        return None
+    body = await request.content.read(LFS_BATCH_LIMIT + 1)
+    try:
+        operation = json.loads(body).get("operation") if len(body) <= LFS_BATCH_LIMIT else None
+    except (ValueError, AttributeError):
+        operation = None
+    if operation != "download":
+        raise ReadOnlyRefused(f"{who} is read-only: only LFS downloads from {route.repo} are allowed")
+    return body
+
+
 class AccessControl:
-    """Built once per config. `enabled` is False when no clients are configured: then everyone may pass."""
+    """Built once per config. Without clients, everyone may pass; with clients, nothing passes without a token."""
 
     def __init__(self, clients: Sequence[AccessClient]) -> None:
         self._clients = tuple(
-            _Client(c.name, c.digest, tuple(_compile_repo_pattern(c.name, p) for p in c.repos), c.read_only)
+            Client(c.name, c.digest, tuple(_compile_repo_pattern(c.name, p) for p in c.repos), c.read_only)
             for c in clients
         )
 
@@ -52,21 +77,20 @@ class AccessControl:
     def enabled(self) -> bool:
         return bool(self._clients)
 
-    def admit(self, authorization: str | None, route: Route, method: str) -> str | None:
-        """The client's name, or an error: 401 without valid credentials, 403 for the wrong repo or a push."""
+    def authenticate(self, authorization: str | None) -> Client | None:
+        """Runs before routing, so that without a token nobody learns which hosts or repos the proxy serves."""
         if not self._clients:
             return None
         client = self._identify(authorization)
         if client is None:
             raise AuthenticationRequired("this proxy needs a client token (as the password of HTTP Basic auth)")
-        repo = str(route.repo)
-        if not any(pattern.fullmatch(repo) for pattern in client.repos):
-            raise ClientForbidden(f"client {client.name!r} may not access {repo}")
-        if client.read_only and is_write(route, method):
-            raise ReadOnlyRefused(f"client {client.name!r} is read-only: pushes to {repo} are refused")
-        return client.name
+        return client
 
-    def _identify(self, authorization: str | None) -> _Client | None:
+    def authorize(self, client: Client | None, route: Route) -> None:
+        if client is not None and not any(pattern.fullmatch(str(route.repo)) for pattern in client.repos):
+            raise ClientForbidden(f"client {client.name!r} may not access {route.repo}")
+
+    def _identify(self, authorization: str | None) -> Client | None:
         password = _basic_password(authorization)
         if password is None:
             return None
@@ -90,7 +114,9 @@ def _basic_password(authorization: str | None) -> str | None:
 
 
 def _compile_repo_pattern(client: str, pattern: str) -> re.Pattern[str]:
+    """Matched against host/owner/repo, ending at a segment boundary: `github\\.com/acme/app` never lets a
+    client into `acme/app-secrets`, and `github\\.com/acme` never into `acme-evil`."""
     try:
-        return re.compile(f"(?:{translate_java_regex(pattern)}).*", re.IGNORECASE | re.DOTALL)
+        return re.compile(f"(?:{translate_java_regex(pattern)})(?:/.*)?", re.IGNORECASE | re.DOTALL)
     except re.error as error:
         raise ConfigError(f"access client {client!r}: repos pattern '{pattern}' does not compile: {error}") from None

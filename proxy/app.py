@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
@@ -96,28 +97,23 @@ def build_credential_sources(
     metrics: Metrics,
     previous: Mapping[str, CredentialSource] | None = None,
 ) -> dict[str, CredentialSource]:
-    """One source per entry. On a reload, a source whose entry and key are unchanged is kept, caches and all."""
+    """One source per entry. On a reload, a source built from exactly the same things (entry, API URL, settings,
+    key: a rotated key file means a new source, even under the same path) is kept, caches and all."""
     settings = config.github.app_installation
     sources: dict[str, CredentialSource] = {}
     for entry in config.auth:
-        old = (previous or {}).get(entry.id)
-        if old is not None and _unchanged(old, entry, keys):
-            sources[entry.id] = old
-        elif isinstance(entry, OAuthTokenEntry):
-            sources[entry.id] = StaticTokenSource(entry)
+        source: CredentialSource
+        if isinstance(entry, OAuthTokenEntry):
+            source = StaticTokenSource(entry)
         else:
             api = GitHubAppApi(
                 entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
                 session=api_session, timeout=settings.http_client_timeout,
             )  # fmt: skip
-            sources[entry.id] = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight, metrics)
+            source = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight, metrics)
+        old = (previous or {}).get(entry.id)
+        sources[entry.id] = old if old is not None and old.identity == source.identity else source
     return sources
-
-
-def _unchanged(old: CredentialSource, entry: OAuthTokenEntry | GitHubAppEntry, keys: dict[str, AppKey]) -> bool:
-    """Same entry and, for apps, the same key: a rotated key file means a new source, even under the same path."""
-    new_fingerprint = keys[entry.id].fingerprint if entry.id in keys else None
-    return old.entry == entry and getattr(old, "key_fingerprint", None) == new_fingerprint
 
 
 def build_context(
@@ -182,24 +178,38 @@ class Proxy:
     api_session: aiohttp.ClientSession
     tokens: TokenCache
     metrics: Metrics
+    bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     draining: bool = False
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
+    reloaded: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the readiness probe
 
     @property
     def app_sources(self) -> dict[str, GitHubAppSource]:
         return {k: s for k, s in self.live.current.sources.items() if isinstance(s, GitHubAppSource)}
 
     def reload(self, config: Config) -> None:
+        # The socket stays where it is: a new file must not drop access control from a public address.
+        config.server.refuse_unsafe_bind(self.bound_host or config.server.host, has_clients=bool(config.access.clients))
         previous = self.live.current.sources
         context = build_context(config, self.session, self.api_session, self.tokens, self.metrics, previous)
-        restart_needed = [
-            key for key in ("server", "tls") if getattr(config, key) != getattr(self.config, key)
-        ]  # fmt: skip
-        if restart_needed:
-            log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart_needed))
-        kept = [k for k, s in context.sources.items() if self.live.current.sources.get(k) is s]
+        self._warn_about_restart_only_changes(config)
+        kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
+        for entry_id in set(self.github_ok_at) - kept:
+            del self.github_ok_at[entry_id]  # a new or changed source must prove itself against GitHub again
+        self.reloaded.set()
         log.info("configuration reloaded: %d auth entries (%d kept with their caches)", len(context.sources), len(kept))
+
+    def _warn_about_restart_only_changes(self, config: Config) -> None:
+        def cache_settings(c: Config) -> tuple[float, float, int]:
+            s = c.github.app_installation
+            return s.system_auth_cache_duration, s.refresh_before, s.system_auth_cache_max_weight
+
+        changed = [key for key in ("server", "tls") if getattr(config, key) != getattr(self.config, key)]
+        if cache_settings(config) != cache_settings(self.config):
+            changed.append("the token cache settings (systemAuthCacheDuration, refreshBefore, MaxWeight)")
+        if changed:
+            log.warning("reload: changes to %s take effect only after a restart", ", ".join(changed))
 
     async def close(self) -> None:
         await self.session.close()
@@ -229,15 +239,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _probe_github(proxy: Proxy) -> None:
-    """Every `interval`, prove each app's key against GitHub; /readyz reads the results."""
+    """Every `interval`, prove each app's key against GitHub; /readyz reads the results. It reads the settings
+    afresh each round and a reload wakes it, so a new entry is checked at once and the check can be switched on."""
     while True:
-        for entry_id, source in proxy.app_sources.items():
-            try:
-                await source.describe_app()
-                proxy.github_ok_at[entry_id] = time.monotonic()
-            except ProxyError as error:
-                log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
-        await asyncio.sleep(proxy.config.readiness.interval)
+        proxy.reloaded.clear()
+        if proxy.config.readiness.check_github:
+            for entry_id, source in proxy.app_sources.items():
+                try:
+                    await source.describe_app()
+                    if proxy.app_sources.get(entry_id) is source:  # not replaced by a reload meanwhile
+                        proxy.github_ok_at[entry_id] = time.monotonic()
+                except ProxyError as error:
+                    log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proxy.reloaded.wait(), proxy.config.readiness.interval)
 
 
 def add_ops_routes(app: web.Application, proxy: Proxy) -> None:
@@ -256,7 +271,6 @@ def create_ops_app(proxy: Proxy) -> web.Application:
 
 async def create_app(config: Config) -> web.Application:
     """Build the proxy. Must run inside the event loop that will serve it (the sessions bind to it)."""
-    build_router(config)  # fail on a bad pattern before opening anything
     metrics = Metrics()
     tokens = build_token_cache(config)
     metrics.watch_token_expiry(tokens.seconds_until_soonest_expiry)
@@ -273,10 +287,9 @@ async def create_app(config: Config) -> web.Application:
     app[FORWARD_CONTEXT] = proxy.live
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        probe = asyncio.create_task(_probe_github(proxy)) if config.readiness.check_github else None
+        probe = asyncio.create_task(_probe_github(proxy))
         yield
-        if probe:
-            probe.cancel()
+        probe.cancel()
         await proxy.close()
 
     app.cleanup_ctx.append(lifecycle)

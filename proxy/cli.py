@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, OAuthTokenEntry, is_loopback, load_config
+from .config import ConfigError, is_loopback, load_config
 from .logs import configure_logging
 
 log = logging.getLogger("git_token_proxy")
@@ -59,10 +59,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _static_tokens(config: Config) -> list[str]:
-    return [entry.token.get_secret_value() for entry in config.auth if isinstance(entry, OAuthTokenEntry)]
-
-
 def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -70,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     config.server.refuse_unsafe_bind(host, has_clients=bool(config.access.clients))
-    redactor = configure_logging(args.log_level, secrets=_static_tokens(config), log_format=args.log_format)
+    redactor = configure_logging(args.log_level, secrets=config.secrets, log_format=args.log_format)
     if not is_loopback(host):
         log.warning("listening on %s, which is not a loopback address", host)
     return asyncio.run(serve(config, Path(args.config), host, port, args.watch, redactor))

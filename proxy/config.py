@@ -197,7 +197,7 @@ class GitHubAppEntry(_EntryBase):
 
     @property
     def token_permissions(self) -> dict[str, str] | None:
-        if self.permissions is not None:
+        if self.permissions:  # an empty mapping asks for nothing in particular, like no mapping at all
             return dict(self.permissions)
         return {"contents": "read"} if self.read_only else None
 
@@ -331,6 +331,12 @@ class Config(_Model):
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:
         return self.github.app_installation.auth
 
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret written in the config itself, for the log redactor (keys are redacted by shape)."""
+        tokens = [e.token.get_secret_value() for e in self.auth if isinstance(e, OAuthTokenEntry)]
+        return tokens + [c.token.get_secret_value() for c in self.access.clients if c.token is not None]
+
     @model_validator(mode="after")
     def _bind_is_safe(self) -> Config:
         self.server.refuse_unsafe_bind(self.server.host, has_clients=bool(self.access.clients))
@@ -411,6 +417,13 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: invalid configuration\n{_describe(error)}") from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The problem and its position only: PyYAML's own message quotes the offending line, which may hold a token."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
@@ -420,5 +433,5 @@ def load_config(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     return parse_config(data, str(path))

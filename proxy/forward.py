@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, refuse_writes_through_read_only_entry
+from .access import AccessControl, enforce_read_only
 from .credentials import Credential, CredentialSource
 from .errors import (
     AnonymousRefused,
@@ -148,11 +148,13 @@ async def _forward(request: web.Request, context: ForwardContext, exchange: _Exc
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
         _refuse_browsers(request.headers)
+        client = context.access.authenticate(request.headers.get("Authorization"))
+        exchange.client = client.name if client else None
         exchange.route = route = context.router.resolve_route(request.method, path, query)
         # Who may do what is settled before a token is fetched: a refused push never costs a mint.
-        exchange.client = context.access.admit(request.headers.get("Authorization"), route, request.method)
-        refuse_writes_through_read_only_entry(route, request.method)
-        opened = await _open_upstream(request, route, context, exchange)
+        context.access.authorize(client, route)
+        body = await enforce_read_only(request, route, client)
+        opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         return _refuse(error, exchange)
     exchange.credential = opened.credential
@@ -180,21 +182,21 @@ class _Opened:
     headers: CIMultiDict[str]  # what goes back to git
 
 
-async def _open_upstream(request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange) -> _Opened:
+async def _open_upstream(
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
+) -> _Opened:
     """Send the request upstream; a 401 on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
     credential = exchange.credential = await _credential(source, route, context.metrics)
-    upstream = await _send(request, route, credential, context, exchange)
+    upstream = await _send(request, route, credential, context, exchange, body)
     if upstream.status == 401 and source and credential:
         # Whatever the method, a rejected token leaves the cache (LFS is all POSTs). Only a request without a
         # body can be sent again: GET info/refs, which opens every git operation.
         renewable = await source.invalidate(credential, route.repo)
-        if renewable:
-            context.metrics.heals.labels(source.entry_id).inc()
         if renewable and request.method == "GET":
             upstream.release()
             credential = exchange.credential = await _credential(source, route, context.metrics)
-            upstream = await _send(request, route, credential, context, exchange)
+            upstream = await _send(request, route, credential, context, exchange, body)
     try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
@@ -287,6 +289,7 @@ async def _send(
     credential: Credential | None,
     context: ForwardContext,
     exchange: _Exchange,
+    body: bytes | None,
 ) -> aiohttp.ClientResponse:
     timeout = aiohttp.ClientTimeout(
         total=None,  # a clone of a large repo may take an hour; only silence is an error
@@ -299,7 +302,7 @@ async def _send(
             request.method,
             route.url,
             headers=_upstream_headers(request.headers, credential),
-            data=_request_body(request, exchange),
+            data=_request_body(request, exchange) if body is None else _counted_bytes(body, exchange),
             timeout=timeout,
             allow_redirects=False,  # a redirect must never carry the token to another URL
         )
@@ -320,6 +323,11 @@ def _request_body(request: web.Request, exchange: _Exchange) -> AsyncIterator[by
     if not request.body_exists:
         return None
     return _counted(request.content, exchange)
+
+
+def _counted_bytes(body: bytes, exchange: _Exchange) -> bytes:
+    exchange.bytes_in += len(body)
+    return body
 
 
 async def _counted(content: aiohttp.StreamReader, exchange: _Exchange) -> AsyncIterator[bytes]:

@@ -17,7 +17,8 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # GitHub tokens: ghs_ (installation, including the long stateless form with dots), ghp_, gho_, ghu_, ghr_.
     (re.compile(r"\b(gh[pousr]_)[A-Za-z0-9_.\-]+"), r"\1<redacted>"),
     (re.compile(r"\bgithub_pat_[A-Za-z0-9_]+"), "github_pat_<redacted>"),
-    (re.compile(r"(?i)\b(basic|bearer|token)(\s+)[A-Za-z0-9+/=._\-]{6,}"), r"\1\2<redacted>"),
+    # 16 characters at least: credentials are long, and prose like "token refresh failed" stays readable.
+    (re.compile(r"(?i)\b(basic|bearer|token)(\s+)[A-Za-z0-9+/=._\-]{16,}"), r"\1\2<redacted>"),
     (re.compile(r"(?i)(authorization['\"]?\s*[:=,]\s*['\"]?)[^'\"\s,}]+"), r"\1<redacted>"),
     (re.compile(r"\beyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"), "<jwt redacted>"),
     (

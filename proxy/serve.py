@@ -12,7 +12,8 @@ from aiohttp import web
 
 from . import __version__
 from .app import PROXY, Proxy, create_app, create_ops_app
-from .config import Config, ConfigError, OAuthTokenEntry, load_config
+from .config import Config, ConfigError, GitHubAppEntry, load_config
+from .credentials.keys import key_file_of
 from .logs import Redactor
 
 log = logging.getLogger("git_token_proxy.serve")
@@ -22,6 +23,7 @@ WATCH_INTERVAL = 2.0
 async def serve(config: Config, config_path: Path, host: str, port: int, watch: bool, redactor: Redactor) -> int:
     app = await create_app(config)
     proxy = app[PROXY]
+    proxy.bound_host = host
     # handle_signals=False: this function owns SIGTERM, so that /readyz can say "draining" while transfers finish.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
@@ -42,9 +44,17 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     log.info("stopping: no new connections; in-flight transfers get up to %.0f s", config.server.shutdown_grace)
     if watcher:
         watcher.cancel()
-    await runner.cleanup()  # stops listening, waits for in-flight requests (up to the grace), closes sessions
+    # A second SIGTERM or SIGINT (an impatient operator) ends the drain at once.
+    forced = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, forced.set)
+    drain = asyncio.create_task(runner.cleanup())  # stop listening, wait for transfers (up to the grace), close
+    await asyncio.wait([drain, asyncio.create_task(forced.wait())], return_when=asyncio.FIRST_COMPLETED)
     if ops_runner:
         await ops_runner.cleanup()
+    if not drain.done():
+        log.warning("stopped by a second signal after %.1f s; transfers still running were cut", loop.time() - started)
+        return 1
     log.info("stopped after %.1f s of draining", loop.time() - started)
     return 0
 
@@ -64,7 +74,7 @@ def reload_config(proxy: Proxy, path: Path, redactor: Redactor) -> bool:
     """Atomic: the new config fully loads (keys included) or the running one stays, with the reason logged."""
     try:
         config = load_config(path)
-        redactor.add_secrets(e.token.get_secret_value() for e in config.auth if isinstance(e, OAuthTokenEntry))
+        redactor.add_secrets(config.secrets)
         proxy.reload(config)
     except ConfigError as error:
         log.error("reload rejected; the running configuration stays: %s", error)
@@ -73,19 +83,29 @@ def reload_config(proxy: Proxy, path: Path, redactor: Redactor) -> bool:
 
 
 async def _watch(proxy: Proxy, path: Path, redactor: Redactor) -> None:
-    """Polls the file's content: it survives editors that replace files and Kubernetes' symlink swaps alike."""
-    last = _digest(path)
+    """Polls the content of the config, its key files and its secret files: it survives editors that replace
+    files and Kubernetes' symlink swaps alike, and a rotated Secret is picked up like an edited ConfigMap."""
+    last = _digest(_watched_files(path, proxy.config))
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        current = _digest(path)
+        current = _digest(_watched_files(path, proxy.config))
         if current is not None and current != last:
             last = current
-            log.info("%s changed; reloading", path)
+            log.info("%s or a file it names changed; reloading", path)
             reload_config(proxy, path, redactor)
 
 
-def _digest(path: Path) -> bytes | None:
+def _watched_files(path: Path, config: Config) -> list[Path]:
+    apps = [e for e in config.auth if isinstance(e, GitHubAppEntry)]
+    keys = [file for e in apps if (file := key_file_of(e.private_key.get_secret_value())) is not None]
+    return [path, *config.github.app_installation.secret_files, *keys]
+
+
+def _digest(paths: list[Path]) -> bytes | None:
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).digest()
+        for path in paths:
+            digest.update(path.read_bytes())
     except OSError:
         return None  # mid-swap or briefly missing: keep what runs, look again later
+    return digest.digest()

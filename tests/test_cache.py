@@ -109,9 +109,9 @@ async def test_evict_drops_only_the_failed_token() -> None:
     cache = new_cache()
     mint = Minter(cache)
     old = await cache.get("k", mint)
-    await cache.evict("k", Credential("x", "some-other-token", "cached"))
+    assert not await cache.evict("k", Credential("x", "some-other-token", "cached"))
     assert (await cache.get("k", mint)).token == old.token  # a different token: nothing evicted
-    await cache.evict("k", old)
+    assert await cache.evict("k", old)
     assert (await cache.get("k", mint)).token == "tok-2"
 
 

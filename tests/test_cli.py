@@ -186,3 +186,11 @@ def test_serve_refuses_a_public_bind_without_access_control(tmp_path: Path) -> N
     done = run_cli("serve", "--config", str(config), "--host", "0.0.0.0", "--port", "0")
     assert done.returncode == 2
     assert "not a loopback address and access.clients is empty" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_yaml_errors_never_quote_the_offending_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("github:\n  appInstallation:\n    auth:\n      - token: ghp_SECRETSECRETSECRET: [\n")
+    done = run_cli("check", "--config", str(config))
+    assert done.returncode == 2 and "not valid YAML" in done.stderr and "line 4" in done.stderr
+    assert "SECRETSECRET" not in done.stderr

@@ -38,8 +38,9 @@ class CredentialSource(Protocol):
     entry_id: str
 
     @property
-    def entry(self) -> object:
-        """The config entry it was built from: a reload keeps the source (and its cache) if the entry is unchanged."""
+    def identity(self) -> object:
+        """Everything the source was built from (entry, API URL, settings, key fingerprint): a reload keeps a
+        source, caches and all, only when this is unchanged."""
         ...
 
     async def get_credential(self, repo: RepoRef) -> Credential: ...

@@ -141,11 +141,13 @@ class TokenCache:
         return token
 
     async def evict(self, key: str, credential: Credential) -> bool:
-        """Drop the token if it is still the one that failed (a newer one may already have replaced it)."""
+        """Drop the token if it is still the one that failed (a newer one may already have replaced it).
+        True if this call evicted it."""
         cached: CachedToken | None = await self._store.get(key)
-        if cached is not None and cached.reused.token == credential.token:
-            await self._store.delete(key)
-            self._expiries.pop(key, None)
+        if cached is None or cached.reused.token != credential.token:
+            return False
+        await self._store.delete(key)
+        self._expiries.pop(key, None)
         return True
 
     def seconds_until_soonest_expiry(self) -> float:

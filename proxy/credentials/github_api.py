@@ -72,7 +72,7 @@ class GitHubAppApi:
         self.issuer = issuer
         self._key = key
         self._session = session
-        self._timeout = timeout
+        self.timeout = timeout
         self._skew = 0.0  # GitHub's clock minus ours, learned when GitHub complains about iat/exp
         self._jwt: str | None = None
         self._jwt_signed_at = 0.0
@@ -146,7 +146,7 @@ class GitHubAppApi:
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
         self._fail_if_rate_limited()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = loop.time() + self.timeout
         url, tries, skew_retried, redirected = f"{self.api_url}{path}", 0, False, False
         while True:
             tries += 1

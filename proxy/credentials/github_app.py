@@ -29,7 +29,7 @@ class GitHubAppSource:
     ) -> None:
         self.entry_id = entry.id
         self.entry = entry
-        self.key_fingerprint = api.key_fingerprint
+        self.identity: object = (entry, api.api_url, api.timeout, max_entries, api.key_fingerprint)
         self._metrics = metrics
         self._api = api
         self._tokens = tokens
@@ -60,8 +60,11 @@ class GitHubAppSource:
         installation_id = await self._installations.get(self._repo_key(repo)) or self.entry.installation_id
         if installation_id is None or installation_id == _NOT_INSTALLED:
             return False
-        log.warning("entry %r: upstream rejected a cached token; minting a new one", self.entry_id)
-        return await self._tokens.evict(self.token_key(installation_id, repo), credential)
+        if await self._tokens.evict(self.token_key(installation_id, repo), credential):
+            # Counted once per rejected token, however many requests saw it fail.
+            log.warning("entry %r: upstream rejected a cached token; minting a new one", self.entry_id)
+            self._metrics.heals.labels(self.entry_id).inc()
+        return True  # evicted now or by a concurrent request: either way, asking again gives a fresh token
 
     async def close(self) -> None:
         return None

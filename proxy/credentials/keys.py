@@ -41,6 +41,13 @@ def load_app_key(entry_id: str, value: str) -> AppKey:
     return AppKey(key, fingerprint_of(key))
 
 
+def key_file_of(value: str) -> Path | None:
+    """The file a privateKey value names, or None when the value is the key itself (PEM or base64 PEM)."""
+    if "-----BEGIN" in value or _base64_pem(value) is not None:
+        return None
+    return Path(value.strip()).expanduser()
+
+
 def _base64_pem(value: str) -> str | None:
     try:
         decoded = base64.b64decode("".join(value.split()), validate=True).decode()

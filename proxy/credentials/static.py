@@ -10,7 +10,7 @@ from . import Credential
 class StaticTokenSource:
     def __init__(self, entry: OAuthTokenEntry) -> None:
         self.entry_id = entry.id
-        self.entry = entry
+        self.identity: object = entry
         self._credential = Credential(entry.username, entry.token.get_secret_value(), "static")
 
     async def get_credential(self, repo: RepoRef) -> Credential:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -50,9 +51,10 @@ async def serve_with_http_backend(
         env["CONTENT_LENGTH"] = request.headers["Content-Length"]  # absent: chunked, read to EOF
     if remote_user:
         env["REMOTE_USER"] = remote_user  # http-backend enables receive-pack only for authenticated users
+    # Its own process group: http-backend runs upload-pack and pack-objects, which must die with it.
     process = await asyncio.create_subprocess_exec(
         backend, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     assert process.stdin and process.stdout and process.stderr
     feeding = asyncio.create_task(_feed_stdin(request, process.stdin))
@@ -69,13 +71,31 @@ async def serve_with_http_backend(
         return response
     finally:
         feeding.cancel()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await process.wait()
-        stderr = await errors
-        if stderr.strip():
-            log.debug("http-backend: %s", stderr.decode(errors="replace").strip())
+        await _reap(process, errors)
+
+
+async def _reap(process: asyncio.subprocess.Process, errors: asyncio.Task[bytes]) -> None:
+    """Kill the whole group if the response was cut short, then drain and wait: a grandchild holding stdout, or a
+    paused pipe, would otherwise keep the subprocess transport open past the event loop. Cancellation (a server
+    shutting down) does not interrupt this."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    try:
+        await _drain_and_wait(process)
+    except asyncio.CancelledError:
+        await _drain_and_wait(process)
+        raise
+    stderr = await errors
+    if stderr.strip():
+        log.debug("http-backend: %s", stderr.decode(errors="replace").strip())
+
+
+async def _drain_and_wait(process: asyncio.subprocess.Process) -> None:
+    assert process.stdout is not None
+    while await process.stdout.read(65536):
+        pass
+    await process.wait()
 
 
 async def _feed_stdin(request: web.Request, stdin: asyncio.StreamWriter) -> None:

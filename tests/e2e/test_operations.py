@@ -207,3 +207,34 @@ async def test_request_ids_come_back_and_reach_the_logs(
     assert {"ci-job-42", generated_id} <= ids
     minted = [line for line in lines if "minted a token" in line.get("message", "")]
     assert minted and minted[0]["request_id"] == "ci-job-42"  # the mint's log line belongs to the request
+
+
+async def test_watch_notices_a_rotated_key_file(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    from proxy.testing import pkcs8_pem
+
+    proxy = await serve_process(app_config(fake_github.url, acme_app), "--watch")
+    acme_app.key_file.write_text(pkcs8_pem(acme_app.key))  # the Secret rotated (here: same key, new encoding)
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the watcher", seconds=15)
+    assert "1 kept with their caches" in proxy.stderr  # same key fingerprint: the source and its token stay
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "out")
+    assert await proxy.stop() == 0
+
+
+async def test_a_second_signal_cuts_the_drain_short(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    fake_github.create_repo("acme/big", {f"b{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(8)})
+    fake_github.git_bytes_per_second = 1024 * 1024  # 16 s of transfer: longer than this test waits
+    config = app_config(fake_github.url, acme_app)
+    config["server"] = {"shutdownGrace": "60s"}
+    proxy = await serve_process(config)
+    clone = asyncio.create_task(git("clone", "--bare", f"{proxy.url}/github.com/acme/big", "big.git", check=False))
+    await proxy.wait_for(lambda: any(s.path.endswith("git-upload-pack") for s in fake_github.seen), "the pack")
+    await proxy.signal(signal.SIGTERM)
+    await proxy.wait_for(lambda: "stopping" in proxy.stderr, "the drain to start")
+    await proxy.signal(signal.SIGINT)
+    assert await proxy.stop() == 1
+    assert "stopped by a second signal" in proxy.stderr
+    assert (await clone).returncode != 0
