@@ -157,7 +157,6 @@ async def _forward(request: web.Request, context: ForwardContext, exchange: _Exc
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         return _refuse(error, exchange)
-    exchange.credential = opened.credential
     response = web.StreamResponse(status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers)
     response.headers["X-Request-Id"] = exchange.request_id
     exchange.status = response.status
@@ -268,7 +267,7 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
     if exchange.reason:
         record["reason"] = exchange.reason
     if not route:
-        record["path"] = request.raw_path[:200]
+        record["path"] = request.raw_path.partition("?")[0][:200]  # no query: it is the one place a secret could be
     audit_log.info("%s", json.dumps(record, separators=(",", ":")))
 
 
