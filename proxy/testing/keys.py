@@ -11,7 +11,7 @@ def generate_app_key() -> rsa.RSAPrivateKey:
 
 
 def pkcs1_pem(key: rsa.RSAPrivateKey) -> str:
-    """`-----BEGIN RSA PRIVATE KEY-----`: what GitHub's "Generate a private key" button downloads."""
+    """PKCS#1 (the "BEGIN RSA PRIVATE KEY" form): what GitHub's "Generate a private key" button downloads."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     ).decode()
