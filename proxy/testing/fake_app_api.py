@@ -99,6 +99,7 @@ class FakeAppApi:
     long_tokens: bool = False  # the stateless ghs_<appid>_<jwt> form: ~520 characters, with dots
     _next_installation_id: int = 1001  # never reused, as on GitHub: a reinstall gets a new id
     _failures: deque[int] = field(default_factory=deque)
+    _lookup_failures: deque[int] = field(default_factory=deque)
     _rate_limits: deque[dict[str, str]] = field(default_factory=deque)
 
     # ------------------------------------------------------------ set-up and controls
@@ -130,6 +131,9 @@ class FakeAppApi:
 
     def fail_next_mints(self, count: int, status: int = 500) -> None:
         self._failures.extend([status] * count)
+
+    def fail_next_lookups(self, count: int, status: int = 500) -> None:
+        self._lookup_failures.extend([status] * count)
 
     def rate_limit_next_mints(self, count: int, *, retry_after: float | None = None, reset_in: float = 3600) -> None:
         """With retry_after: a secondary limit with Retry-After. Without: a primary limit with x-ratelimit-reset."""
@@ -214,6 +218,8 @@ class FakeAppApi:
         return None
 
     def _find_installation(self, request: web.Request, app: FakeApp, parts: list[str]) -> web.Response:
+        if self._lookup_failures:
+            return _message(self._lookup_failures.popleft(), "Server Error")
         account = parts[1].lower()
         full_name = f"{account}/{parts[2].lower()}" if parts[0] == "repos" else None
         for installation in self.installations.values():

@@ -288,3 +288,14 @@ async def test_revoked_token_is_evicted_by_a_401_on_a_post(
         async with session.post(batch, json=body, headers=headers) as second:
             assert second.status == 200
     assert counts(fake_github)[1] == 2
+
+
+async def test_a_failed_installation_look_up_is_not_cached(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.fail_next_lookups(3, status=503)
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
+    assert failed.returncode != 0 and "HTTP 503 after 3 tries" in failed.stderr
+    await clone(git, proxy, "acme/private", "recovered")  # looked up again: the failure left nothing behind
+    assert counts(fake_github) == (1, 1)
