@@ -104,6 +104,11 @@ async def serve_process(tmp_path: Path) -> Any:
             await process.process.wait()
 
 
+def pack_requested(fake: FakeGitHub) -> bool:
+    """Protocol v2 POSTs twice: ls-refs, then the fetch whose answer is the pack. Only the second is a transfer."""
+    return sum(1 for seen in fake.seen if seen.path.endswith("git-upload-pack")) >= 2
+
+
 def with_octo_entry(config: dict[str, Any], acme: AcmeApp) -> dict[str, Any]:
     entries = config["github"]["appInstallation"]["auth"]
     entries.append({**entries[0], "id": "octo-app", "urlPattern": r"(?<baseUrl>github\.com)/octo/.*"})
@@ -122,7 +127,7 @@ async def test_sigterm_lets_a_large_clone_finish_and_exits_zero(
     proxy = await serve_process(config, "--log-format", "json")
 
     clone = asyncio.create_task(git("clone", "--quiet", "--bare", f"{proxy.url}/github.com/acme/big", "big.git"))
-    await proxy.wait_for(lambda: any(s.path.endswith("git-upload-pack") for s in fake_github.seen), "the pack")
+    await proxy.wait_for(lambda: pack_requested(fake_github), "the pack")
     await asyncio.sleep(0.3)
     await proxy.signal(signal.SIGTERM)
     signalled = time.monotonic()
@@ -231,7 +236,7 @@ async def test_a_second_signal_cuts_the_drain_short(
     config["server"] = {"shutdownGrace": "60s"}
     proxy = await serve_process(config)
     clone = asyncio.create_task(git("clone", "--bare", f"{proxy.url}/github.com/acme/big", "big.git", check=False))
-    await proxy.wait_for(lambda: any(s.path.endswith("git-upload-pack") for s in fake_github.seen), "the pack")
+    await proxy.wait_for(lambda: pack_requested(fake_github), "the pack")
     await proxy.signal(signal.SIGTERM)
     await proxy.wait_for(lambda: "stopping" in proxy.stderr, "the drain to start")
     await proxy.signal(signal.SIGINT)
