@@ -15,22 +15,14 @@ from aiohttp import web
 
 from .config import AccessClient, ConfigError
 from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused
-from .routing import Route, Service, translate_java_regex
+from .routing import LFS_BATCH, Route, Service, translate_java_regex
 
-# Writes: receive-pack, LFS lock changes, and LFS batch requests whose operation is "upload".
-_LOCK_WRITE_SUFFIXES = ("/info/lfs/locks", "/unlock")
-_LFS_BATCH_SUFFIX = "/info/lfs/objects/batch"
 LFS_BATCH_LIMIT = 1024 * 1024  # a batch request lists object ids and sizes; a megabyte is thousands of objects
 
 
-def _path(route: Route) -> str:
-    return route.url.split("?", 1)[0]
-
-
 def is_write(route: Route, method: str) -> bool:
-    if route.service is Service.RECEIVE_PACK:
-        return True
-    return route.service is Service.LFS and method == "POST" and _path(route).endswith(_LOCK_WRITE_SUFFIXES)
+    """Writes: receive-pack (including its info/refs), and what the endpoint table marks as writing."""
+    return route.service is Service.RECEIVE_PACK or method in route.endpoint.write_methods
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ async def enforce_read_only(request: web.Request, route: Route, client: Client |
         return None
     if is_write(route, request.method):
         raise ReadOnlyRefused(f"{who} is read-only: pushes to {route.repo} are refused")
-    if not _path(route).endswith(_LFS_BATCH_SUFFIX):
+    if route.endpoint is not LFS_BATCH:
         return None
     body = await request.content.read(LFS_BATCH_LIMIT + 1)
     try:

@@ -35,17 +35,21 @@ class Endpoint:
     segments: tuple[str, ...]
     methods: frozenset[str]
     service: Service | None  # None: decided by the `service=` query (info/refs)
+    write_methods: frozenset[str] = frozenset()  # methods that change the repo: refused for read-only parties
 
 
 _WILDCARD = "*"  # one segment of any allowed value (an LFS lock id)
+_GET, _POST = frozenset({"GET"}), frozenset({"POST"})
+# LFS batch requests say in their body whether they upload; `access` reads it for read-only parties.
+LFS_BATCH = Endpoint(("info", "lfs", "objects", "batch"), _POST, Service.LFS)
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(("info", "refs"), frozenset({"GET"}), None),
-    Endpoint(("git-upload-pack",), frozenset({"POST"}), Service.UPLOAD_PACK),
-    Endpoint(("git-receive-pack",), frozenset({"POST"}), Service.RECEIVE_PACK),
-    Endpoint(("info", "lfs", "objects", "batch"), frozenset({"POST"}), Service.LFS),
-    Endpoint(("info", "lfs", "locks"), frozenset({"GET", "POST"}), Service.LFS),
-    Endpoint(("info", "lfs", "locks", "verify"), frozenset({"POST"}), Service.LFS),
-    Endpoint(("info", "lfs", "locks", _WILDCARD, "unlock"), frozenset({"POST"}), Service.LFS),
+    Endpoint(("info", "refs"), _GET, None),
+    Endpoint(("git-upload-pack",), _POST, Service.UPLOAD_PACK),
+    Endpoint(("git-receive-pack",), _POST, Service.RECEIVE_PACK, write_methods=_POST),
+    LFS_BATCH,
+    Endpoint(("info", "lfs", "locks"), _GET | _POST, Service.LFS, write_methods=_POST),
+    Endpoint(("info", "lfs", "locks", "verify"), _POST, Service.LFS),
+    Endpoint(("info", "lfs", "locks", _WILDCARD, "unlock"), _POST, Service.LFS, write_methods=_POST),
 )
 _INFO_REFS_SERVICES = {
     "service=git-upload-pack": Service.UPLOAD_PACK,
@@ -75,6 +79,7 @@ class Route:
     repo: RepoRef
     entry: AuthEntry | None
     service: Service
+    endpoint: Endpoint
     url: str  # the upstream URL, with the only query string the endpoint may carry
     proxy_prefix: str  # "/<host>": where upstream paths live on this proxy, for rewriting redirects
 
@@ -132,11 +137,10 @@ class Router:
         return list(self._upstreams)
 
     def resolve_route(self, method: str, raw_path: str, query_string: str) -> Route:
-        host, repo_path, endpoint_segments = _split_path(raw_path)
+        host, repo_path, endpoint_segments, endpoint = _split_path(raw_path)
         upstream = self._upstreams.get(host.lower())
         if upstream is None:
             raise HostNotAllowed(f"host {host!r} is not an allowed upstream of this proxy")
-        endpoint = _match_endpoint(endpoint_segments)
         if method not in endpoint.methods:
             raise MethodNotAllowed(f"{method} is not allowed on {'/'.join(endpoint_segments)}")
         service, query = _service_and_query(endpoint, query_string)
@@ -144,7 +148,7 @@ class Router:
         if entry is None and not upstream.anonymous:
             raise AnonymousRefused(f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled")
         url = f"{upstream.url}/{'/'.join((*repo_path, *endpoint_segments))}"
-        return Route(upstream, repo, entry, service, f"{url}?{query}" if query else url, f"/{host}")
+        return Route(upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}")
 
     def match_entry(self, host: str, repo_path: Sequence[str]) -> tuple[AuthEntry | None, RepoRef]:
         """The first entry whose pattern matches `host/path` wins; owner/repo follow its `baseUrl`."""
@@ -156,7 +160,7 @@ class Router:
         return None, _repo_after(host, "/".join(repo_path), None)
 
 
-def _split_path(raw_path: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+def _split_path(raw_path: str) -> tuple[str, tuple[str, ...], tuple[str, ...], Endpoint]:
     """`/<host>/<repo path...>/<endpoint...>` checked strictly, segment by segment, before anything else."""
     if len(raw_path) > MAX_PATH_LENGTH:
         raise BadRequestPath(f"request path longer than {MAX_PATH_LENGTH} bytes")
@@ -170,8 +174,9 @@ def _split_path(raw_path: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         if not _SEGMENT.match(segment) or segment in (".", ".."):
             raise BadRequestPath(f"path segment {segment!r} is not allowed")
     for length in range(len(rest) - 1, 1, -1):  # the shortest endpoint suffix after at least owner/repo
-        if _find_endpoint(tuple(rest[length:])) is not None:
-            return host, tuple(rest[:length]), tuple(rest[length:])
+        endpoint = _find_endpoint(tuple(rest[length:]))
+        if endpoint is not None:
+            return host, tuple(rest[:length]), tuple(rest[length:]), endpoint
     raise NotAGitEndpoint(
         "only git smart-HTTP endpoints (info/refs, git-upload-pack, git-receive-pack) and the LFS API are proxied"
     )
@@ -184,12 +189,6 @@ def _find_endpoint(segments: tuple[str, ...]) -> Endpoint | None:
         ):
             return endpoint
     return None
-
-
-def _match_endpoint(segments: tuple[str, ...]) -> Endpoint:
-    endpoint = _find_endpoint(segments)
-    assert endpoint is not None  # _split_path only splits where an endpoint is
-    return endpoint
 
 
 def _service_and_query(endpoint: Endpoint, query_string: str) -> tuple[Service, str]:

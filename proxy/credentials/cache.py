@@ -160,6 +160,3 @@ class TokenCache:
 
     async def peek(self, key: str) -> CachedToken | None:
         return await self._store.get(key)  # type: ignore[no-any-return]
-
-    def __len__(self) -> int:
-        return len(self._store)

@@ -147,10 +147,14 @@ class FakeAppApi:
         for token in [t for t, grant in self.grants.items() if grant.installation_id is not None]:
             del self.grants[token]
 
+    def statuses(self, kind: str) -> list[int]:
+        """`lookup` or `mint`: the status of every such call so far, in order."""
+        suffix = {"lookup": "/installation", "mint": "/access_tokens"}[kind]
+        return [call.status for call in self.calls if call.path.endswith(suffix)]
+
     def count(self, kind: str) -> int:
         """`lookup` or `mint`: successful calls of that kind so far."""
-        suffix = {"lookup": "/installation", "mint": "/access_tokens"}[kind]
-        return sum(1 for c in self.calls if c.path.endswith(suffix) and c.status in (200, 201))
+        return sum(1 for status in self.statuses(kind) if status in (200, 201))
 
     # ------------------------------------------------------------ serving
 

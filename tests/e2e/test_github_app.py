@@ -20,6 +20,13 @@ async def clone(git: Git, proxy: str, repo: str, dest: str, check: bool = True) 
     return result.stderr
 
 
+async def refused_clone(git: Git, proxy: str, repo: str, dest: str = "refused") -> str:
+    """A clone that must fail, readably and without a password prompt; returns what git printed."""
+    result = await git("clone", f"{proxy}/github.com/{repo}", dest, check=False)
+    assert result.returncode != 0 and not result.prompted, result.stderr
+    return result.stderr
+
+
 def counts(fake: FakeGitHub) -> tuple[int, int]:
     return fake.apps.count("lookup"), fake.apps.count("mint")
 
@@ -86,7 +93,7 @@ async def test_one_mint_failure_is_retried_and_never_cached(
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.fail_next_mints(1)
     await clone(git, proxy, "acme/private", "retried")  # the broker's retry absorbs one 500
-    assert [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")] == [500, 201]
+    assert fake_github.apps.statuses("mint") == [500, 201]
 
 
 async def test_persistent_mint_failure_is_a_503_and_the_next_clone_works(
@@ -94,9 +101,8 @@ async def test_persistent_mint_failure_is_a_503_and_the_next_clone_works(
 ) -> None:
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.fail_next_mints(3, status=502)
-    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
-    assert failed.returncode != 0 and not failed.prompted
-    assert "remote: GitHub API failed for 'acme-app': HTTP 502 after 3 tries" in failed.stderr
+    failed = await refused_clone(git, proxy, "acme/private", "failed")
+    assert "remote: GitHub API failed for 'acme-app': HTTP 502 after 3 tries" in failed
     await clone(git, proxy, "acme/private", "recovered")  # nothing of the failure was cached
     assert counts(fake_github)[1] == 1
 
@@ -107,7 +113,7 @@ async def test_short_rate_limit_is_waited_out(
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.rate_limit_next_mints(1, retry_after=1)
     await clone(git, proxy, "acme/private", "waited")
-    assert [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")] == [403, 201]
+    assert fake_github.apps.statuses("mint") == [403, 201]
 
 
 async def test_long_rate_limit_fails_fast_with_a_readable_503(
@@ -115,11 +121,10 @@ async def test_long_rate_limit_fails_fast_with_a_readable_503(
 ) -> None:
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.rate_limit_next_mints(1, reset_in=1800)
-    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
-    assert failed.returncode != 0 and not failed.prompted
-    assert "remote: GitHub rate limit reached for 'acme-app'; it resets at" in failed.stderr
-    assert "503" in failed.stderr
-    assert len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")]) == 1  # no retry storm
+    failed = await refused_clone(git, proxy, "acme/private", "failed")
+    assert "remote: GitHub rate limit reached for 'acme-app'; it resets at" in failed
+    assert "503" in failed
+    assert len(fake_github.apps.statuses("mint")) == 1  # no retry storm
 
 
 @pytest.mark.parametrize("offset", [300, -300])
@@ -223,7 +228,7 @@ async def test_reinstalled_app_is_looked_up_again(
     fake_github.apps.reinstall(acme_app.installation)
     await asyncio.sleep(2.2)
     await clone(git, proxy, "acme/private", "after")
-    mint_statuses = [c.status for c in fake_github.apps.calls if c.path.endswith("access_tokens")]
+    mint_statuses = fake_github.apps.statuses("mint")
     assert mint_statuses == [201, 404, 201]
     assert counts(fake_github) == (2, 2)
 
@@ -234,13 +239,12 @@ async def test_not_installed_is_a_readable_403(
     config = app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*")
     fake_github.create_repo("elsewhere/repo", {"x": b"x"})
     proxy = await start_proxy(config)
-    failed = await git("clone", f"{proxy}/github.com/elsewhere/repo", "out", check=False)
-    assert failed.returncode != 0 and not failed.prompted
-    assert "remote: GitHub App 'acme-app' is not installed on elsewhere/repo (or cannot see it)" in failed.stderr
-    assert "403" in failed.stderr
+    failed = await refused_clone(git, proxy, "elsewhere/repo", "out")
+    assert "remote: GitHub App 'acme-app' is not installed on elsewhere/repo (or cannot see it)" in failed
+    assert "403" in failed
     await git("clone", f"{proxy}/github.com/elsewhere/repo", "again", check=False)
     assert counts(fake_github)[0] == 0  # the 404 was remembered (5 min): no second look-up call succeeded
-    assert len([c for c in fake_github.apps.calls if c.path.endswith("/installation")]) == 1
+    assert len(fake_github.apps.statuses("lookup")) == 1
 
 
 async def test_wrong_key_is_a_readable_502(
@@ -250,10 +254,9 @@ async def test_wrong_key_is_a_readable_502(
 
     acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
-    failed = await git("clone", f"{proxy}/github.com/acme/private", "out", check=False)
-    assert failed.returncode != 0 and not failed.prompted
-    assert "remote: GitHub rejected the JWT for 'acme-app': A JSON web token could not be decoded" in failed.stderr
-    assert "502" in failed.stderr
+    failed = await refused_clone(git, proxy, "acme/private", "out")
+    assert "remote: GitHub rejected the JWT for 'acme-app': A JSON web token could not be decoded" in failed
+    assert "502" in failed
 
 
 async def test_rate_limit_resetting_now_is_not_a_busy_loop(
@@ -261,13 +264,12 @@ async def test_rate_limit_resetting_now_is_not_a_busy_loop(
 ) -> None:
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.rate_limit_next_mints(100, reset_in=0)  # x-ratelimit-reset already reached: "wait 0 s"
-    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
-    assert failed.returncode != 0 and "remote: GitHub rate limit reached for 'acme-app'" in failed.stderr
-    mint_calls = len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")])
+    failed = await refused_clone(git, proxy, "acme/private", "failed")
+    assert "remote: GitHub rate limit reached for 'acme-app'" in failed
+    mint_calls = len(fake_github.apps.statuses("mint"))
     assert mint_calls == 3  # three tries, a second apart; not thousands
-    again = await git("clone", f"{proxy}/github.com/acme/private", "again", check=False)
-    assert again.returncode != 0
-    assert len([c for c in fake_github.apps.calls if c.path.endswith("access_tokens")]) == mint_calls  # fail fast
+    await refused_clone(git, proxy, "acme/private", "again")
+    assert len(fake_github.apps.statuses("mint")) == mint_calls  # fail fast
 
 
 async def test_revoked_token_is_evicted_by_a_401_on_a_post(
@@ -295,7 +297,6 @@ async def test_a_failed_installation_look_up_is_not_cached(
 ) -> None:
     proxy = await start_proxy(app_config(fake_github.url, acme_app))
     fake_github.apps.fail_next_lookups(3, status=503)
-    failed = await git("clone", f"{proxy}/github.com/acme/private", "failed", check=False)
-    assert failed.returncode != 0 and "HTTP 503 after 3 tries" in failed.stderr
+    assert "HTTP 503 after 3 tries" in await refused_clone(git, proxy, "acme/private", "failed")
     await clone(git, proxy, "acme/private", "recovered")  # looked up again: the failure left nothing behind
     assert counts(fake_github) == (1, 1)

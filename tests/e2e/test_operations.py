@@ -109,6 +109,12 @@ def pack_requested(fake: FakeGitHub) -> bool:
     return sum(1 for seen in fake.seen if seen.path.endswith("git-upload-pack")) >= 2
 
 
+def install_on_octo(fake: FakeGitHub, acme: AcmeApp) -> None:
+    """The same app, installed on a second org with one repo: what a reload adds an entry for."""
+    fake.apps.add_installation(acme.app, "octo")
+    fake.create_repo("octo/tool", {"name.txt": b"tool"})
+
+
 def with_octo_entry(config: dict[str, Any], acme: AcmeApp) -> dict[str, Any]:
     entries = config["github"]["appInstallation"]["auth"]
     entries.append({**entries[0], "id": "octo-app", "urlPattern": r"(?<baseUrl>github\.com)/octo/.*"})
@@ -153,8 +159,7 @@ async def test_sigterm_lets_a_large_clone_finish_and_exits_zero(
 async def test_sighup_reloads_atomically_and_keeps_unchanged_tokens(
     fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
 ) -> None:
-    fake_github.apps.add_installation(acme_app.app, "octo")
-    fake_github.create_repo("octo/tool", {"name.txt": b"tool"})
+    install_on_octo(fake_github, acme_app)
     config = app_config(fake_github.url, acme_app)
     proxy = await serve_process(config)
 
@@ -186,8 +191,7 @@ async def test_sighup_reloads_atomically_and_keeps_unchanged_tokens(
 async def test_watch_reloads_when_the_file_changes(
     fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
 ) -> None:
-    fake_github.apps.add_installation(acme_app.app, "octo")
-    fake_github.create_repo("octo/tool", {"name.txt": b"tool"})
+    install_on_octo(fake_github, acme_app)
     config = app_config(fake_github.url, acme_app)
     proxy = await serve_process(config, "--watch")
     proxy.write_config(with_octo_entry(config, acme_app))
