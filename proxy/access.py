@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from .config import AccessClient, ConfigError
-from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused
-from .routing import LFS_BATCH, Route, Service, translate_java_regex
+from .config import AccessClient
+from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused, RequestBodyRefused
+from .routing import LFS_BATCH, LinearPattern, Route, Service, compile_repo_pattern
 
 LFS_BATCH_LIMIT = 1024 * 1024  # a batch request lists object ids and sizes; a megabyte is thousands of objects
 
@@ -29,13 +31,16 @@ def is_write(route: Route, method: str) -> bool:
 class Client:
     name: str
     digest: bytes
-    repos: tuple[re.Pattern[str], ...]
+    repos: tuple[LinearPattern, ...]
     read_only: bool
 
 
-async def enforce_read_only(request: web.Request, route: Route, client: Client | None) -> bytes | None:
-    """Refuse writes for a read-only client or entry. An LFS batch request is read (bounded) to see whether it
-    uploads; its bytes are returned, to be forwarded as they came. None: nothing was read, stream as usual."""
+async def enforce_read_only(
+    request: web.Request, route: Route, client: Client | None, body_timeout: float
+) -> bytes | None:
+    """Refuse writes for a read-only client or entry. An LFS batch request is read whole (bounded in size and
+    time) to see whether it uploads; its bytes are returned, and `forward` sends exactly them with a
+    Content-Length it computes. None: nothing was read, stream as usual."""
     if client is not None and client.read_only:
         who = f"client {client.name!r}"
     elif route.entry is not None and route.entry.read_only:
@@ -46,9 +51,9 @@ async def enforce_read_only(request: web.Request, route: Route, client: Client |
         raise ReadOnlyRefused(f"{who} is read-only: pushes to {route.repo} are refused")
     if route.endpoint is not LFS_BATCH:
         return None
-    body = await request.content.read(LFS_BATCH_LIMIT + 1)
+    body = await read_whole_body(request, LFS_BATCH_LIMIT, body_timeout)
     try:
-        operation = json.loads(body).get("operation") if len(body) <= LFS_BATCH_LIMIT else None
+        operation = json.loads(body).get("operation")
     except (ValueError, AttributeError):
         operation = None
     if operation != "download":
@@ -56,12 +61,36 @@ async def enforce_read_only(request: web.Request, route: Route, client: Client |
     return body
 
 
+async def read_whole_body(request: web.Request, limit: int, within: float) -> bytes:
+    """The whole body or a refusal. `content.read(n)` returns what has arrived so far, which is not the body: a
+    check made on part of it, forwarded under the client's Content-Length, would leave upstream waiting for the
+    rest, and the next request on that connection would be read as that rest (request smuggling). A slow body
+    is cut off too: the decision must be made on what the client sent now, not 20 s later after a reload."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise RequestBodyRefused(f"request body of {declared} bytes is over the {limit}-byte limit for this endpoint")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(within):
+            while chunk := await request.content.readany():  # b"" only once the body has ended
+                body += chunk
+                if len(body) > limit:
+                    raise RequestBodyRefused(f"request body is over the {limit}-byte limit for this endpoint")
+    except TimeoutError:
+        raise RequestBodyRefused(f"request body did not arrive within {within:.0f} s") from None
+    except (OSError, aiohttp.ClientError, HttpProcessingError):
+        raise RequestBodyRefused("request body did not arrive whole (the connection broke)") from None
+    if declared is not None and len(body) != declared:
+        raise RequestBodyRefused(f"request body has {len(body)} bytes, not the {declared} its Content-Length says")
+    return bytes(body)
+
+
 class AccessControl:
     """Built once per config. Without clients, everyone may pass; with clients, nothing passes without a token."""
 
     def __init__(self, clients: Sequence[AccessClient]) -> None:
         self._clients = tuple(
-            Client(c.name, c.digest, tuple(_compile_repo_pattern(c.name, p) for p in c.repos), c.read_only)
+            Client(c.name, c.digest, tuple(compile_repo_pattern(c.name, p) for p in c.repos), c.read_only)
             for c in clients
         )
 
@@ -79,8 +108,10 @@ class AccessControl:
         return client
 
     def authorize(self, client: Client | None, route: Route) -> None:
-        if client is not None and not any(pattern.fullmatch(str(route.repo)) for pattern in client.repos):
-            raise ClientForbidden(f"client {client.name!r} may not access {route.repo}")
+        # `matched` is the string the entry's pattern matched (host, baseUrl path, owner/repo), so a client allowed
+        # `git.company.local/acme/app` is not let into `git.company.local/team-b/acme/app`.
+        if client is not None and not any(pattern.fullmatch(route.matched) for pattern in client.repos):
+            raise ClientForbidden(f"client {client.name!r} may not access {route.matched}")
 
     def _identify(self, authorization: str | None) -> Client | None:
         password = _basic_password(authorization)
@@ -103,12 +134,3 @@ def _basic_password(authorization: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return password if colon and password else None
-
-
-def _compile_repo_pattern(client: str, pattern: str) -> re.Pattern[str]:
-    """Matched against host/owner/repo, ending at a segment boundary: `github\\.com/acme/app` never lets a
-    client into `acme/app-secrets`, and `github\\.com/acme` never into `acme-evil`."""
-    try:
-        return re.compile(f"(?:{translate_java_regex(pattern)})(?:/.*)?", re.IGNORECASE | re.DOTALL)
-    except re.error as error:
-        raise ConfigError(f"access client {client!r}: repos pattern '{pattern}' does not compile: {error}") from None

@@ -26,7 +26,7 @@ from .credentials.github_app import GitHubAppSource
 from .credentials.keys import AppKey, load_app_key
 from .credentials.static import StaticTokenSource
 from .errors import ProxyError
-from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, forward_request
+from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_request
 from .metrics import Metrics
 from .routing import Router, base_url_host
 
@@ -127,7 +127,12 @@ def build_context(
     """Everything that can fail (patterns, keys, apiUrl) fails here, before anything is swapped in."""
     router = build_router(config)
     sources = build_credential_sources(config, api_session, load_app_keys(config), tokens, metrics, previous)
-    return ForwardContext(router, AccessControl(config.access.clients), sources, session, metrics)
+    return ForwardContext(
+        router, AccessControl(config.access.clients), sources, session, metrics,
+        allowed_hosts=frozenset(host.strip().lower() for host in config.server.allowed_hosts),
+        # An inspected body (an LFS batch) is part of the request: it gets the same budget as the headers.
+        body_timeout=config.server.header_timeout,
+    )  # fmt: skip
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext:
@@ -187,14 +192,24 @@ class Proxy:
     def app_sources(self) -> dict[str, GitHubAppSource]:
         return {k: s for k, s in self.live.current.sources.items() if isinstance(s, GitHubAppSource)}
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
+        """Raises ConfigError and changes nothing when the new config cannot be built."""
         # The socket stays where it is: a new file must not drop access control from a public address.
         config.server.refuse_unsafe_bind(self.bound_host or config.server.host, has_clients=bool(config.access.clients))
         previous = self.live.current.sources
-        context = build_context(config, self.session, self.api_session, self.tokens, self.metrics, previous)
+        # Keys are files, and a file can be a FIFO or huge: they are read and parsed off the event loop, so that
+        # /healthz and every transfer carry on while a reload builds.
+        context = await asyncio.to_thread(
+            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous
+        )
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
+        # A reload is the operator's way to say "try again": no rate-limit window, negative answer or backoff
+        # learned from GitHub survives it, even in the sources kept with their tokens.
+        for source in context.sources.values():
+            source.forget_failures()
+        self.tokens.forget_failures()
         for entry_id in set(self.github_ok_at) - kept:
             del self.github_ok_at[entry_id]  # a new or changed source must prove itself against GitHub again
         self.reloaded.set()
@@ -240,19 +255,32 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _probe_github(proxy: Proxy) -> None:
     """Every `interval`, prove each app's key against GitHub; /readyz reads the results. It reads the settings
-    afresh each round and a reload wakes it, so a new entry is checked at once and the check can be switched on."""
+    afresh each round and a reload wakes it, so a new entry is checked at once and the check can be switched on.
+    It must outlive anything GitHub answers: a prober that died would leave /readyz at 503 for good."""
     while True:
         proxy.reloaded.clear()
-        if proxy.config.readiness.check_github:
-            for entry_id, source in proxy.app_sources.items():
-                try:
-                    await source.describe_app()
-                    if proxy.app_sources.get(entry_id) is source:  # not replaced by a reload meanwhile
-                        proxy.github_ok_at[entry_id] = time.monotonic()
-                except ProxyError as error:
-                    log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
+        try:
+            await _probe_once(proxy)
+        except Exception:
+            log.exception("readiness: the GitHub check failed unexpectedly; trying again next round")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proxy.reloaded.wait(), proxy.config.readiness.interval)
+
+
+async def _probe_once(proxy: Proxy) -> None:
+    if not proxy.config.readiness.check_github:
+        return
+    for entry_id, source in proxy.app_sources.items():
+        try:
+            await source.describe_app()
+        except ProxyError as error:
+            log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
+            continue
+        except Exception:
+            log.exception("readiness: GitHub check for %r failed unexpectedly", entry_id)
+            continue
+        if proxy.app_sources.get(entry_id) is source:  # not replaced by a reload meanwhile
+            proxy.github_ok_at[entry_id] = time.monotonic()
 
 
 def add_ops_routes(app: web.Application, proxy: Proxy) -> None:
@@ -281,15 +309,18 @@ async def create_app(config: Config) -> web.Application:
         await session.close()
         await api_session.close()
         raise
-    proxy = Proxy(config, LiveContext(context), session, api_session, tokens, metrics)
+    transfers = TransferWatch(config.server.write_timeout, metrics)
+    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        probe = asyncio.create_task(_probe_github(proxy))
+        background = [asyncio.create_task(_probe_github(proxy)), asyncio.create_task(transfers.run())]
         yield
-        probe.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await proxy.close()
 
     app.cleanup_ctx.append(lifecycle)

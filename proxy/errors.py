@@ -26,6 +26,14 @@ class HostNotAllowed(ProxyError):
     """The host is not in `upstreams`; no connection is opened."""
 
 
+class MisdirectedRequest(ProxyError):
+    """The `Host` header names neither a loopback address nor one of `server.allowedHosts` (DNS rebinding)."""
+
+
+class RequestBodyRefused(ProxyError):
+    """A body the proxy must inspect (an LFS batch request) is too large, malformed, or arrived too slowly."""
+
+
 class BrowserRequestRefused(ProxyError):
     """A request with browser headers (Origin, Sec-Fetch-*): git never sends them; a web page must not use tokens."""
 
@@ -77,6 +85,10 @@ class UpstreamNeedsAuth(ProxyError):
 
 class UpstreamBadRedirect(ProxyError):
     """The upstream redirected somewhere the proxy will not follow or pass on."""
+
+
+class HealSuspended(CredentialError):
+    """Upstream rejected a freshly minted token as well: no further mint for this installation for a while."""
 
 
 class AppNotInstalled(CredentialError):

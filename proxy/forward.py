@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
@@ -25,32 +26,39 @@ from .errors import (
     BrowserRequestRefused,
     ClientForbidden,
     CredentialError,
+    GitHubRefused,
     GitHubUnavailable,
+    HealSuspended,
     HostNotAllowed,
+    InstallationGone,
+    JwtRejected,
     MethodNotAllowed,
+    MisdirectedRequest,
     NotAGitEndpoint,
     ProxyError,
     RateLimited,
     ReadOnlyRefused,
+    RequestBodyRefused,
     UpstreamBadRedirect,
     UpstreamNeedsAuth,
     UpstreamRefusedAuth,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .logs import REQUEST_ID
+from .logs import REQUEST_ID, sanitise_for_client
 from .metrics import REFUSED, Metrics
-from .routing import Route, Router
+from .routing import INFO_REFS, Route, Router
 
 log = logging.getLogger("git_token_proxy.forward")
 audit_log = logging.getLogger("git_token_proxy.audit")
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection, not to the message. `Host` is ours to set,
-# `Expect` is answered by our own server, and the client's own `Authorization`/`Cookie` are never passed on:
-# upstream must only ever see the credential this proxy chose.
-_NOT_FORWARDED = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host", "expect",
-     "authorization", "cookie"}
+# What upstream receives is built by the proxy. Of the client's headers only these pass: git's and LFS's own, and
+# the caches' advice. Everything else (hop-by-hop headers, Host, Expect, Transfer-Encoding, the client's own
+# Authorization and Cookie, X-Forwarded-*, whatever a hostile process invents) stays here. Content-Length is set by
+# the proxy from a length it verifies, and X-Request-Id is the proxy's own (sanitised) id.
+_FORWARDED_REQUEST_HEADERS = frozenset(
+    {"accept", "accept-encoding", "accept-language", "content-type", "content-encoding", "git-protocol",
+     "user-agent", "pragma", "cache-control"}
 )  # fmt: skip
 # `WWW-Authenticate` would make git prompt for a password it must never need; cookies stay with the proxy.
 _NOT_RETURNED = frozenset(
@@ -62,6 +70,8 @@ _NOT_RETURNED = frozenset(
 # CredentialError may bring its own status later without touching this table's callers.
 _STATUS: dict[type[ProxyError], int] = {
     BadRequestPath: 400,
+    RequestBodyRefused: 400,
+    MisdirectedRequest: 421,
     NotAGitEndpoint: 404,
     MethodNotAllowed: 405,
     HostNotAllowed: 403,
@@ -72,7 +82,11 @@ _STATUS: dict[type[ProxyError], int] = {
     BrowserRequestRefused: 403,
     UpstreamNeedsAuth: 403,
     AppNotInstalled: 403,
-    CredentialError: 502,  # JwtRejected, GitHubRefused and anything else a token source cannot overcome
+    CredentialError: 502,  # anything else a token source cannot overcome
+    JwtRejected: 502,
+    GitHubRefused: 502,
+    InstallationGone: 502,
+    HealSuspended: 502,
     RateLimited: 503,
     GitHubUnavailable: 503,
     UpstreamRefusedAuth: 502,
@@ -98,6 +112,8 @@ class ForwardContext:
     sources: Mapping[str, CredentialSource]
     session: aiohttp.ClientSession
     metrics: Metrics
+    allowed_hosts: frozenset[str] = frozenset()  # Host header values besides loopback names (lower case)
+    body_timeout: float = 15.0  # for bodies the proxy reads whole in order to check them
 
 
 @dataclass
@@ -105,13 +121,14 @@ class LiveContext:
     """A reload replaces `current` in one assignment; a request keeps the context it started with to its end."""
 
     current: ForwardContext
+    transfers: TransferWatch
 
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the transfer watch keys on it
 class _Exchange:
     """One request as the audit log reports it, filled in as it moves along the data path."""
 
@@ -122,17 +139,88 @@ class _Exchange:
     credential: Credential | None = None
     status: int = 0
     bytes_in: int = 0
-    bytes_out: int = 0
-    reason: str | None = None
+    bytes_out: int = 0  # counted per chunk: the transfer watch reads it to see whether the client still reads
+    reason: str | None = None  # why the proxy refused the request
+    aborted: str | None = None  # why a transfer already under way was cut
+    request_sent: bool = False  # upstream received the whole request body (or there was none)
+
+
+# ---------------------------------------------------------------- the transfer watch
+
+
+@dataclass(eq=False)
+class _Watched:
+    exchange: _Exchange
+    transport: asyncio.Transport
+    upstream: aiohttp.ClientResponse
+    seen: int = -1
+    progress_at: float = field(default_factory=time.monotonic)
+
+
+class TransferWatch:
+    """Cuts transfers whose client stopped reading. A client that keeps its connection open and reads nothing
+    would otherwise hold an upstream connection (of a capped pool) for ever. Nothing is done per chunk but the
+    byte count the audit line needs anyway: a periodic sweep compares counts, so a fast clone pays no timer."""
+
+    def __init__(self, write_timeout: float, metrics: Metrics) -> None:
+        self.write_timeout = write_timeout
+        self._metrics = metrics
+        self._active: dict[_Exchange, _Watched] = {}
+
+    @property
+    def sweep_interval(self) -> float:
+        return max(0.05, min(self.write_timeout / 4, 15.0))
+
+    def add(self, exchange: _Exchange, transport: asyncio.Transport, upstream: aiohttp.ClientResponse) -> None:
+        self._active[exchange] = _Watched(exchange, transport, upstream)
+
+    def remove(self, exchange: _Exchange) -> None:
+        self._active.pop(exchange, None)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # the watch must outlive any bug in one sweep
+                log.exception("transfer watch: sweep failed")
+
+    def sweep(self, now: float) -> None:
+        for watched in list(self._active.values()):
+            sent = watched.exchange.bytes_out
+            # Progress, or nothing queued for the client (then it is upstream that is silent, which the
+            # upstream read timeout handles): either way the client is not the one holding things up.
+            if sent != watched.seen or watched.transport.get_write_buffer_size() == 0:
+                watched.seen, watched.progress_at = sent, now
+            elif now - watched.progress_at >= self.write_timeout:
+                self._cut(watched)
+
+    def _cut(self, watched: _Watched) -> None:
+        self.remove(watched.exchange)
+        watched.exchange.aborted = f"the client read nothing for {self.write_timeout:.0f} s (server.writeTimeout)"
+        log.warning(
+            "request %s: aborting the transfer after %d bytes: %s",
+            watched.exchange.request_id, watched.exchange.bytes_out, watched.exchange.aborted,
+        )  # fmt: skip
+        self._metrics.write_stalls.inc()
+        watched.upstream.close()  # never back to the pool: the response was not read to its end
+        watched.transport.abort()
 
 
 async def forward_request(request: web.Request) -> web.StreamResponse:
-    context = request.app[FORWARD_CONTEXT].current
+    live = request.app[FORWARD_CONTEXT]
+    context = live.current
     exchange = _Exchange(time.monotonic(), _request_id(request))
     REQUEST_ID.set(exchange.request_id)  # every log line of this request (and of a mint it starts) carries it
     context.metrics.in_flight.inc()
     try:
-        return await _forward(request, context, exchange)
+        return await _forward(request, context, live.transfers, exchange)
+    except Exception:
+        # A bug, or something no one thought of: one log line with the traceback, a reasoned 500 for git, and a
+        # metric and an audit line that say so, instead of aiohttp's bare 500 without a request id.
+        log.exception("unexpected error while serving %s %s", request.method, request.raw_path.partition("?")[0][:200])
+        context.metrics.unexpected_errors.inc()
+        return _refuse_unexpected(exchange)
     finally:
         context.metrics.in_flight.dec()
         _record(context.metrics, exchange)
@@ -144,27 +232,64 @@ def _request_id(request: web.Request) -> str:
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
-async def _forward(request: web.Request, context: ForwardContext, exchange: _Exchange) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, context: ForwardContext, transfers: TransferWatch, exchange: _Exchange
+) -> web.StreamResponse:
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
         _refuse_browsers(request.headers)
+        _check_host(request, context.allowed_hosts)
         client = context.access.authenticate(request.headers.get("Authorization"))
         exchange.client = client.name if client else None
         exchange.route = route = context.router.resolve_route(request.method, path, query)
         # Who may do what is settled before a token is fetched: a refused push never costs a mint.
         context.access.authorize(client, route)
-        body = await enforce_read_only(request, route, client)
+        _refuse_body_on_get(request)
+        body = await enforce_read_only(request, route, client, context.body_timeout)
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         return _refuse(error, exchange)
-    response = web.StreamResponse(status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers)
-    response.headers["X-Request-Id"] = exchange.request_id
-    exchange.status = response.status
+    complete = False
     try:
-        exchange.bytes_out = await _stream_back(request, opened.upstream, response)
+        response = web.StreamResponse(
+            status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers
+        )
+        response.headers["X-Request-Id"] = exchange.request_id
+        exchange.status = response.status
+        complete = await _stream_back(request, opened.upstream, response, exchange, transfers)
     finally:
-        opened.upstream.release()
+        _finish(opened.upstream, complete and exchange.request_sent)
     return response
+
+
+def _finish(upstream: aiohttp.ClientResponse, fully_exchanged: bool) -> None:
+    """A connection goes back to the pool only after a whole request and a whole response. Anything less (a body
+    cut short on either side, an answer that came before the request was sent) could leave bytes on it that the
+    next request would be read with."""
+    if fully_exchanged:
+        upstream.release()
+    else:
+        upstream.close()
+
+
+def _check_host(request: web.Request, allowed_hosts: frozenset[str]) -> None:
+    """DNS rebinding: a web page on `rebind.attacker.example` whose name now points at 127.0.0.1 is same-origin
+    with this proxy, and a plain GET from it carries no Origin. But its Host header still names the attacker's
+    domain, while git always sends the host it connected to. So only loopback names and the names the operator
+    listed are served."""
+    hosts = request.headers.getall("Host", ())
+    value = hosts[0].strip().lower() if len(hosts) == 1 else ""
+    name = value.rpartition(":")[0] if value.rpartition(":")[2].isdigit() else value
+    if value and (name in _LOOPBACK_NAMES or value in allowed_hosts or name in allowed_hosts):
+        return
+    shown = sanitise_for_client(value, 100) if value else "(none)"
+    raise MisdirectedRequest(
+        f"Host {shown!r} is not served by this proxy; use 127.0.0.1, localhost or [::1], "
+        "or add the name to server.allowedHosts"
+    )
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
 def _refuse_browsers(headers: CIMultiDictProxy[str]) -> None:
@@ -172,6 +297,13 @@ def _refuse_browsers(headers: CIMultiDictProxy[str]) -> None:
     requests with Origin or Sec-Fetch-*; git never does. So such a request never gets near a token."""
     if "Origin" in headers or any(name.lower().startswith("sec-fetch-") for name in headers):
         raise BrowserRequestRefused("requests from web browsers are refused; this proxy serves git clients only")
+
+
+def _refuse_body_on_get(request: web.Request) -> None:
+    """git never sends a body with a GET. One that came with a body could only be an attempt to have the proxy
+    put two requests on one upstream exchange (and a GET may be sent twice, after a token was renewed)."""
+    if request.method == "GET" and request.body_exists:
+        raise BadRequestPath("a GET request must not carry a body")
 
 
 @dataclass(frozen=True)
@@ -184,57 +316,101 @@ class _Opened:
 async def _open_upstream(
     request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
 ) -> _Opened:
-    """Send the request upstream; a 401 on a replayable request gets one fresh credential and one retry."""
+    """Send the request upstream; a dead token on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
     credential = exchange.credential = await _credential(source, route, context.metrics)
     upstream = await _send(request, route, credential, context, exchange, body)
-    if upstream.status == 401 and source and credential:
-        # Whatever the method, a rejected token leaves the cache (LFS is all POSTs). Only a request without a
-        # body can be sent again: GET info/refs, which opens every git operation.
-        renewable = await source.invalidate(credential, route.repo)
-        if renewable and request.method == "GET":
-            upstream.release()
+    try:
+        if source and credential and await _token_was_dead(upstream, request, route, source, credential):
+            upstream.close()  # its body was not read: the connection is not reused
             credential = exchange.credential = await _credential(source, route, context.metrics)
             upstream = await _send(request, route, credential, context, exchange, body)
-    try:
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
-    except ProxyError:
-        upstream.release()
+    except BaseException:
+        upstream.close()
         raise
 
 
-async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> int:
-    """Copy the body as it arrives; memory holds one chunk at a time whatever the repo size."""
-    sent = 0
+async def _token_was_dead(
+    upstream: aiohttp.ClientResponse, request: web.Request, route: Route, source: CredentialSource,
+    credential: Credential,
+) -> bool:  # fmt: skip
+    """Whether to send the request again with a fresh token. A 401 means the token was refused: whatever the
+    method, it leaves the cache (LFS is all POSTs). GitHub answers a dead token on a *private* repo with 404, so
+    that the repo's existence stays secret: a 404 on info/refs has the source ask GitHub whether the token is
+    alive (rate-limited there, not here). Only a request without a body is sent again: GET info/refs, which
+    opens every git operation."""
+    if upstream.status == 401:
+        renewable = await source.invalidate(credential, route.repo)
+        return renewable and request.method == "GET"
+    if upstream.status == 404 and request.method == "GET" and route.endpoint is INFO_REFS:
+        return await source.recheck_after_not_found(credential, route.repo)
+    return False
+
+
+async def _stream_back(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    exchange: _Exchange,
+    transfers: TransferWatch,
+) -> bool:
+    """Copy the body as it arrives; memory holds one chunk at a time whatever the repo size. True when the whole
+    response reached the client."""
+    await response.prepare(request)
+    if request.transport is not None:
+        transfers.add(exchange, request.transport, upstream)
     try:
-        await response.prepare(request)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
-            sent += len(chunk)
+            exchange.bytes_out += len(chunk)
         await response.write_eof()
+        return True
     # ConnectionResetError first: aiohttp's ClientConnectionResetError is also a ClientError, and a client
     # that hangs up mid-clone (Ctrl-C) is routine, not an upstream failure worth a traceback.
     except ConnectionResetError:
-        log.info("client closed the connection after %d bytes", sent)
-        upstream.close()
+        if not exchange.aborted:
+            log.info("client closed the connection after %d bytes", exchange.bytes_out)
     except (aiohttp.ClientError, TimeoutError) as error:
-        # The status line is already out. Ending the body cleanly would let git take a truncated pack for a
-        # complete one, so the connection is aborted and git reports the failure.
-        log.warning("upstream failed after %d bytes (%s); aborting the client connection", sent, type(error).__name__)
-        upstream.close()
-        if request.transport is not None:
-            request.transport.abort()
-    return sent
+        if not exchange.aborted:
+            # The status line is already out. Ending the body cleanly would let git take a truncated pack for a
+            # complete one, so the connection is aborted and git reports the failure.
+            log.warning(
+                "upstream failed after %d bytes (%s); aborting the client connection",
+                exchange.bytes_out, type(error).__name__,
+            )  # fmt: skip
+            _abort_client(request)
+    except Exception:
+        # The status line is out, so no 500 can follow: the failure is logged once and git sees a broken transfer.
+        log.exception("unexpected error after %d bytes; aborting the client connection", exchange.bytes_out)
+        exchange.aborted = "internal error (see the proxy's log)"
+        _abort_client(request)
+    finally:
+        transfers.remove(exchange)
+    return False
+
+
+def _abort_client(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _refuse(error: ProxyError, exchange: _Exchange) -> web.Response:
-    exchange.status, exchange.reason = status_for(error), str(error)
+    # Whatever a message quotes (a path, GitHub's own words) is capped, stripped of control characters and
+    # redacted before git prints it to a terminal: logs are not the only place a secret could surface.
+    exchange.status, exchange.reason = status_for(error), sanitise_for_client(str(error))
     headers = {"X-Request-Id": exchange.request_id}
     if exchange.status == 401:  # only access control's own challenge may make git ask for a password
         headers["WWW-Authenticate"] = 'Basic realm="git-token-proxy"'
     # text/plain: git prints each line as `remote: ...`.
-    return web.Response(status=exchange.status, text=f"{error}\n", content_type="text/plain", headers=headers)
+    return web.Response(status=exchange.status, text=f"{exchange.reason}\n", content_type="text/plain", headers=headers)
+
+
+def _refuse_unexpected(exchange: _Exchange) -> web.Response:
+    exchange.status, exchange.reason = 500, "internal error (see the proxy's log)"
+    text = f"git-token-proxy: internal error; its log has the details under request id {exchange.request_id}\n"
+    return web.Response(status=500, text=text, content_type="text/plain", headers={"X-Request-Id": exchange.request_id})
 
 
 def _record(metrics: Metrics, exchange: _Exchange) -> None:
@@ -266,6 +442,8 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
     }
     if exchange.reason:
         record["reason"] = exchange.reason
+    if exchange.aborted:
+        record["aborted"] = exchange.aborted
     if not route:
         record["path"] = request.raw_path.partition("?")[0][:200]  # no query: it is the one place a secret could be
     audit_log.info("%s", json.dumps(record, separators=(",", ":")))
@@ -295,13 +473,14 @@ async def _send(
         sock_connect=route.upstream.connect_timeout,
         sock_read=route.upstream.read_timeout,
     )
+    data, length = _request_body(request, exchange, body)
     started = time.monotonic()
     try:
         response = await context.session.request(
             request.method,
             route.url,
-            headers=_upstream_headers(request.headers, credential),
-            data=_request_body(request, exchange) if body is None else _counted_bytes(body, exchange),
+            headers=_upstream_headers(request.headers, credential, exchange.request_id, length),
+            data=data,
             timeout=timeout,
             allow_redirects=False,  # a redirect must never carry the token to another URL
         )
@@ -316,35 +495,45 @@ async def _send(
         raise UpstreamUnreachable(f"request to {route.upstream.host} failed: {type(error).__name__}") from None
 
 
-def _request_body(request: web.Request, exchange: _Exchange) -> AsyncIterator[bytes] | None:
-    # The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all. With a
-    # Content-Length header the upstream request keeps it; without one (a large push) it goes out chunked.
+def _request_body(
+    request: web.Request, exchange: _Exchange, inspected: bytes | None
+) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    """The body to send and the Content-Length to declare (None: none, or chunked).
+
+    - A body the proxy read whole goes out with the length of exactly those bytes.
+    - A streamed body keeps its framing: with the client's Content-Length, which aiohttp's parser framed the
+      body by, and which `_streamed` checks against the bytes that really came (a shortfall aborts the upstream
+      connection rather than leave it waiting for the rest); or chunked, as the client sent it.
+    The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all."""
+    if inspected is not None:
+        exchange.bytes_in += len(inspected)
+        exchange.request_sent = True
+        return inspected, len(inspected)
     if not request.body_exists:
-        return None
-    return _counted(request.content, exchange)
+        exchange.request_sent = True
+        return None, None
+    return _streamed(request.content, exchange, request.content_length), request.content_length
 
 
-def _counted_bytes(body: bytes, exchange: _Exchange) -> bytes:
-    exchange.bytes_in += len(body)
-    return body
-
-
-async def _counted(content: aiohttp.StreamReader, exchange: _Exchange) -> AsyncIterator[bytes]:
+async def _streamed(content: aiohttp.StreamReader, exchange: _Exchange, declared: int | None) -> AsyncIterator[bytes]:
+    received = 0
     async for chunk in content.iter_any():
+        received += len(chunk)
         exchange.bytes_in += len(chunk)
         yield chunk
+    if declared is not None and received != declared:
+        # aiohttp closes the upstream connection when a body generator raises: it is never reused.
+        raise RequestBodyRefused(f"request body ended after {received} of its {declared} bytes")
+    exchange.request_sent = True
 
 
-def _upstream_headers(headers: CIMultiDictProxy[str], credential: Credential | None) -> CIMultiDict[str]:
-    connection = ",".join(headers.getall("Connection", ()))  # may come as several header lines
-    named_by_connection = {name.strip().lower() for name in connection.split(",")}
-    out = CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if (lower := name.lower()) not in _NOT_FORWARDED
-        and lower not in named_by_connection
-        and not lower.startswith("proxy-")
-    )
+def _upstream_headers(
+    headers: CIMultiDictProxy[str], credential: Credential | None, request_id: str, content_length: int | None
+) -> CIMultiDict[str]:
+    out = CIMultiDict((name, value) for name, value in headers.items() if name.lower() in _FORWARDED_REQUEST_HEADERS)
+    out["X-Request-Id"] = request_id
+    if content_length is not None:
+        out["Content-Length"] = str(content_length)
     if credential:
         out["Authorization"] = credential.authorization
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -29,6 +30,24 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+def redact_shapes(text: str) -> str:
+    """Everything shaped like a secret (tokens, JWTs, keys, Authorization values, URL credentials)."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+CLIENT_MESSAGE_LIMIT = 1000
+
+
+def sanitise_for_client(text: str, limit: int = CLIENT_MESSAGE_LIMIT) -> str:
+    """What git prints to a terminal as `remote: ...`: one line, no escape sequences (ANSI, newlines that forge
+    output), bounded, and redacted like a log line, since it may quote an upstream's words."""
+    text = redact_shapes(_CONTROL.sub(" ", text[: limit * 4]))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Redactor:
     """Known secrets (static tokens from the config) are replaced exactly; shapes of secrets by pattern."""
 
@@ -41,9 +60,7 @@ class Redactor:
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
-        for pattern, replacement in _REDACTIONS:
-            text = pattern.sub(replacement, text)
-        return text
+        return redact_shapes(text)
 
 
 class RedactingFilter(logging.Filter):
@@ -64,6 +81,30 @@ class RedactingFilter(logging.Filter):
             record.exc_text = self.redactor.redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
         return True
+
+
+class AuditRedactingFilter(RedactingFilter):
+    """Audit lines are JSON documents: their values are redacted one by one and the document serialised again,
+    so that a redaction can never cut through JSON syntax (a quote, a brace) and leave a line that fails to
+    parse. A message that is not JSON is redacted as text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            document = json.loads(record.getMessage())
+        except (ValueError, TypeError):
+            return super().filter(record)
+        record.msg = json.dumps(self._redact_values(document), separators=(",", ":"))
+        record.args = None
+        return True
+
+    def _redact_values(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.redactor.redact(value)
+        if isinstance(value, dict):
+            return {key: self._redact_values(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._redact_values(item) for item in value]
+        return value
 
 
 class RequestIdFilter(logging.Filter):
@@ -97,7 +138,7 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_form
     # Audit lines are JSON documents on their own lines, for log shippers; redacted all the same.
     audit = logging.StreamHandler(sys.stderr)
     audit.setFormatter(logging.Formatter("%(message)s"))
-    audit.addFilter(RedactingFilter(redactor))
+    audit.addFilter(AuditRedactingFilter(redactor))
     audit_logger = logging.getLogger("git_token_proxy.audit")
     audit_logger.handlers[:] = [audit]
     audit_logger.propagate = False

@@ -65,6 +65,16 @@ class Metrics:
             "git_token_proxy_token_heals", "Tokens rejected by upstream (401), evicted and minted anew", ["entry"],
             registry=r,
         )  # fmt: skip
+        self.liveness_checks = Counter(
+            "git_token_proxy_token_liveness_checks", "Cached tokens checked against GitHub after a 404, by result",
+            ["entry", "result"], registry=r,
+        )  # fmt: skip
+        self.write_stalls = Counter(
+            "git_token_proxy_write_stalls", "Transfers aborted because the client stopped reading", registry=r
+        )
+        self.unexpected_errors = Counter(
+            "git_token_proxy_unexpected_errors", "Requests that ended in an unexpected exception (a bug)", registry=r
+        )
         self.soonest_expiry = Gauge(
             "git_token_proxy_token_soonest_expiry_seconds", "Seconds until the soonest cached token expires",
             registry=r,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
+
+import re2
 
 from .config import AuthEntry, ConfigError, UpstreamConfig
 from .errors import (
@@ -42,8 +45,10 @@ _WILDCARD = "*"  # one segment of any allowed value (an LFS lock id)
 _GET, _POST = frozenset({"GET"}), frozenset({"POST"})
 # LFS batch requests say in their body whether they upload; `access` reads it for read-only parties.
 LFS_BATCH = Endpoint(("info", "lfs", "objects", "batch"), _POST, Service.LFS)
+# Opens every git operation; the one request a dead token can be renewed for and sent again.
+INFO_REFS = Endpoint(("info", "refs"), _GET, None)
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(("info", "refs"), _GET, None),
+    INFO_REFS,
     Endpoint(("git-upload-pack",), _POST, Service.UPLOAD_PACK),
     Endpoint(("git-receive-pack",), _POST, Service.RECEIVE_PACK, write_methods=_POST),
     LFS_BATCH,
@@ -82,6 +87,9 @@ class Route:
     endpoint: Endpoint
     url: str  # the upstream URL, with the only query string the endpoint may carry
     proxy_prefix: str  # "/<host>": where upstream paths live on this proxy, for rewriting redirects
+    # host + baseUrl path + owner/repo (no `.git`): exactly what the entry's pattern matched, and so exactly what
+    # access rules must judge. `repo` alone would drop a baseUrl path such as `git.company.local/team-b`.
+    matched: str
 
 
 # ---------------------------------------------------------------- url patterns
@@ -95,18 +103,63 @@ def translate_java_regex(pattern: str) -> str:
     return _JAVA_NAMED_GROUP.sub(r"\1(?P<", pattern)
 
 
-def compile_url_pattern(entry_id: str, pattern: str) -> re.Pattern[str]:
+class LinearMatch(Protocol):
+    def end(self, group: int) -> int: ...
+
+
+class LinearPattern(Protocol):
+    """What the proxy uses of an RE2 pattern (the package ships no type hints)."""
+
+    @property
+    def groupindex(self) -> Mapping[str, int]: ...
+
+    def fullmatch(self, text: str) -> LinearMatch | None: ...
+
+
+def compile_linear(pattern: str) -> LinearPattern:
+    """Compile with RE2: matching takes time linear in the input whatever the pattern, so an operator's
+    `([a-z0-9]+-?)+` cannot let one crafted repo name freeze the event loop (Python's `re` backtracks
+    exponentially on it). Case-insensitive like GitHub; `.` matches newlines as in the patterns' Java origin.
+    RE2 has no lookarounds or backreferences: a pattern using them raises `re2.error` and is refused at load."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.dot_nl = True
+    options.log_errors = False  # the error comes back as an exception; RE2 must not also print to stderr
+    compiled: LinearPattern = re2.compile(translate_java_regex(pattern), options)
+    return compiled
+
+
+def _engine_error(error: re2.error) -> str:
+    reason = error.args[0] if error.args else error
+    text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+    return f"{text} (patterns run on RE2: no lookarounds or backreferences)"
+
+
+def compile_url_pattern(entry_id: str, pattern: str) -> LinearPattern:
     """Concord's semantics: a full match of `pattern + ".*"`, i.e. a prefix match, case-insensitive like GitHub."""
     try:
-        compiled = re.compile(f"(?:{translate_java_regex(pattern)}).*", re.IGNORECASE | re.DOTALL)
-    except re.error as error:
-        raise ConfigError(f"auth entry {entry_id!r}: urlPattern '{pattern}' does not compile: {error}") from None
+        compiled = compile_linear(f"(?:{pattern}).*")
+    except re2.error as error:
+        raise ConfigError(
+            f"auth entry {entry_id!r}: urlPattern '{pattern}' does not compile: {_engine_error(error)}"
+        ) from None
     if "baseUrl" not in compiled.groupindex:
         raise ConfigError(
             f"auth entry {entry_id!r}: urlPattern '{pattern}' has no (?<baseUrl>...) group "
             "marking where the repo path starts"
         )
     return compiled
+
+
+def compile_repo_pattern(client: str, pattern: str) -> LinearPattern:
+    """An access client's repo pattern, matched against `Route.matched` and ending at a segment boundary:
+    `github\\.com/acme/app` never lets a client into `acme/app-secrets`, nor `github\\.com/acme` into `acme-evil`."""
+    try:
+        return compile_linear(f"(?:{pattern})(?:/.*)?")
+    except re2.error as error:
+        raise ConfigError(
+            f"access client {client!r}: repos pattern '{pattern}' does not compile: {_engine_error(error)}"
+        ) from None
 
 
 def base_url_host(pattern: str) -> str | None:
@@ -119,7 +172,8 @@ def base_url_host(pattern: str) -> str | None:
 @dataclass(frozen=True)
 class _Rule:
     entry: AuthEntry
-    pattern: re.Pattern[str]
+    pattern: LinearPattern
+    base_url_group: int  # RE2's match objects take group numbers, not names
 
 
 # ---------------------------------------------------------------- the router
@@ -130,7 +184,10 @@ class Router:
 
     def __init__(self, upstreams: Sequence[UpstreamConfig], entries: Sequence[AuthEntry]) -> None:
         self._upstreams = {upstream.host: upstream for upstream in upstreams}
-        self._rules = [_Rule(entry, compile_url_pattern(entry.id, entry.url_pattern)) for entry in entries]
+        self._rules = []
+        for entry in entries:
+            pattern = compile_url_pattern(entry.id, entry.url_pattern)
+            self._rules.append(_Rule(entry, pattern, pattern.groupindex["baseUrl"]))
 
     @property
     def upstream_hosts(self) -> list[str]:
@@ -148,7 +205,8 @@ class Router:
         if entry is None and not upstream.anonymous:
             raise AnonymousRefused(f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled")
         url = f"{upstream.url}/{'/'.join((*repo_path, *endpoint_segments))}"
-        return Route(upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}")
+        matched = f"{upstream.host}/{'/'.join(repo_path)}".removesuffix(".git")
+        return Route(upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}", matched)
 
     def match_entry(self, host: str, repo_path: Sequence[str]) -> tuple[AuthEntry | None, RepoRef]:
         """The first entry whose pattern matches `host/path` wins; owner/repo follow its `baseUrl`."""
@@ -156,7 +214,7 @@ class Router:
         for rule in self._rules:
             match = rule.pattern.fullmatch(target)
             if match:
-                return rule.entry, _repo_after(host, target[match.end("baseUrl") :], rule.entry.id)
+                return rule.entry, _repo_after(host, target[match.end(rule.base_url_group) :], rule.entry.id)
         return None, _repo_after(host, "/".join(repo_path), None)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.app import create_app
@@ -186,3 +187,19 @@ def trap() -> Iterator[TrapServer]:
     server = TrapServer()
     yield server
     server.close()
+
+
+UpstreamApp = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+
+
+@pytest.fixture
+def upstream_app(aiohttp_server: AiohttpServer) -> UpstreamApp:
+    """A one-handler upstream for the failure modes a real GitHub only shows on a bad day."""
+
+    async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        app = web.Application(handler_args={"auto_decompress": False})
+        app.router.add_route("*", "/{path:.*}", handler)
+        server = await aiohttp_server(app)
+        return str(server.make_url("")).rstrip("/")
+
+    return start

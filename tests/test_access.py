@@ -111,7 +111,7 @@ async def test_a_reload_cannot_drop_access_control_from_a_public_bind(acme_app: 
     try:
         without_clients = app_config("http://127.0.0.1:1", acme_app)  # server.host back to the loopback default
         with pytest.raises(ConfigError, match=r"not a loopback address and access\.clients is empty"):
-            proxy.reload(parse_config(without_clients))
+            await proxy.reload(parse_config(without_clients))
         assert proxy.live.current.access.enabled
     finally:
         await proxy.close()
@@ -127,9 +127,9 @@ async def test_a_reload_rebuilds_a_source_whose_api_url_changed(acme_app: AcmeAp
     proxy = app[PROXY]
     try:
         before = proxy.live.current.sources["acme-app"]
-        proxy.reload(parse_config(ghes("http://127.0.0.1:1")))
+        await proxy.reload(parse_config(ghes("http://127.0.0.1:1")))
         assert proxy.live.current.sources["acme-app"] is before  # nothing changed: kept with its caches
-        proxy.reload(parse_config(ghes("http://127.0.0.1:2")))
+        await proxy.reload(parse_config(ghes("http://127.0.0.1:2")))
         after = proxy.live.current.sources["acme-app"]
         assert after is not before and "http://127.0.0.1:2/api/v3" in str(after.identity)
     finally:

@@ -6,16 +6,14 @@ import asyncio
 import gzip
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.pytest_plugin import AiohttpServer
 
 from proxy.testing import FakeGitHub
-from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, static_config
+from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
 
 INFO_REFS = "/github.com/acme/private.git/info/refs?service=git-upload-pack"
 
@@ -42,22 +40,6 @@ async def raw_request(base: str, target: str, method: str = "GET", headers: dict
 
 def config_for(upstream_url: str, **upstream: Any) -> dict[str, Any]:
     return static_config(upstream_url, upstreams=[{"host": "github.com", "url": upstream_url, **upstream}])
-
-
-UpstreamApp = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
-
-
-@pytest.fixture
-def upstream_app(aiohttp_server: AiohttpServer) -> UpstreamApp:
-    """A one-handler upstream for the failure modes a real GitHub only shows on a bad day."""
-
-    async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
-        app = web.Application(handler_args={"auto_decompress": False})
-        app.router.add_route("*", "/{path:.*}", handler)
-        server = await aiohttp_server(app)
-        return str(server.make_url("")).rstrip("/")
-
-    return start
 
 
 async def test_headers_are_filtered_and_credentials_replaced(
@@ -264,7 +246,7 @@ async def test_client_hanging_up_mid_stream_closes_upstream_quietly(
     proxy = await start_proxy(config_for(await upstream_app(handler)))
     caplog.set_level(logging.INFO)
     reader, writer = await asyncio.open_connection(*proxy.removeprefix("http://").split(":"))
-    writer.write(f"GET {INFO_REFS} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {INFO_REFS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await reader.readexactly(200_000)
     writer.transport.abort()
     await asyncio.wait_for(upstream_gone.wait(), timeout=10)

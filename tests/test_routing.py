@@ -51,10 +51,10 @@ def test_java_named_groups_translate_and_lookbehinds_stay(java: str, python: str
     assert translate_java_regex(java) == python
 
 
-def test_lookbehind_pattern_still_works_after_translation() -> None:
-    router = make_router(r"(?<baseUrl>github\.com)/(?<!evil/)acme/.*")
-    route = router.resolve_route("GET", "/github.com/acme/x.git/info/refs", INFO_REFS)
-    assert route.entry is not None and route.entry.id == "e0"
+@pytest.mark.parametrize("pattern", [r"(?<baseUrl>github\.com)/(?<!evil/)acme/.*", r"(?<baseUrl>github\.com)/(a)\1"])
+def test_patterns_the_linear_engine_cannot_take_are_refused_at_load(pattern: str) -> None:
+    with pytest.raises(ConfigError, match=r"urlPattern .* does not compile: .*RE2: no lookarounds or backreferences"):
+        make_router(pattern)
 
 
 def test_first_matching_entry_wins_even_if_a_later_one_is_more_specific() -> None:

@@ -1,0 +1,302 @@
+"""What a hostile local process can do to the data path: bodies, headers, Host names, patterns, stalled readers.
+
+Each test drives the real proxy with raw bytes where git cannot produce them, in front of the fake GitHub (real
+`git http-backend`) or a one-handler upstream, and checks what upstream received as well as what came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.app import PROXY, create_app
+from proxy.config import parse_config
+from proxy.credentials import Credential
+from proxy.routing import RepoRef
+from proxy.testing import FakeGitHub
+from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
+from tests.test_forward import INFO_REFS, config_for, raw_request
+
+LFS_BATCH = "/github.com/acme/private.git/info/lfs/objects/batch"
+
+
+def read_only_static(url: str, **server: Any) -> dict[str, Any]:
+    config = static_config(url)
+    config["github"]["appInstallation"]["auth"][0]["readOnly"] = True
+    if server:
+        config["server"] = server
+    return config
+
+
+async def send_in_segments(port: int, head: bytes, body: bytes, segments: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    size = -(-len(body) // segments)
+    for start in range(0, len(body), size):
+        writer.write(body[start : start + size])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    answer = await asyncio.wait_for(reader.read(), timeout=20)
+    writer.close()
+    return answer
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+# ---------------------------------------------------------------- bodies
+
+
+async def test_a_large_read_only_lfs_download_batch_passes_when_it_arrives_in_segments(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    objects = [{"oid": f"{i:064x}", "size": i} for i in range(8000)]
+    body = json.dumps({"operation": "download", "transfer": ["basic"], "objects": objects}).encode()
+    assert 700 * 1024 < len(body) < 1024 * 1024
+    proxy = await start_proxy(read_only_static(fake_github.url))
+    head = (
+        f"POST {LFS_BATCH} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: application/vnd.git-lfs+json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    answer = await send_in_segments(port_of(proxy), head, body, segments=8)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    (seen,) = fake_github.seen
+    assert seen.headers["Content-Length"] == str(len(body))
+
+
+async def test_an_inspected_body_that_never_arrives_is_refused_before_any_token_is_used(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(read_only_static(fake_github.url, headerTimeout="1s"))
+    head = (
+        f"POST {LFS_BATCH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/vnd.git-lfs+json\r\n"
+        "Content-Length: 5000\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(head + b'{"operation":"download"')
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), timeout=20)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400") and b"did not arrive within 1 s" in answer
+    assert fake_github.seen == []
+
+
+async def test_an_oversized_inspected_body_is_refused_from_its_content_length(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(read_only_static(fake_github.url))
+    status, _, body = await raw_request(
+        proxy, LFS_BATCH, "POST", headers={"Content-Type": "application/vnd.git-lfs+json"}, body=b" " * ((1 << 20) + 1)
+    )
+    assert status == 400 and b"over the 1048576-byte limit" in body
+    assert fake_github.seen == []
+
+
+async def test_a_get_with_a_body_never_reaches_upstream(start_proxy: StartProxy, trap: TrapServer) -> None:
+    """The 401 heal resends a GET: with a body (and the client's Content-Length) that would be two requests."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    status, _, body = await raw_request(proxy, INFO_REFS, body=b"GET /api/v3/user HTTP/1.1\r\n\r\n")
+    assert status == 400 and b"must not carry a body" in body
+    assert trap.accepted == 0
+
+
+async def test_a_streamed_body_cut_short_never_leaves_a_connection_in_the_pool(
+    start_proxy: StartProxy, upstream_app: UpstreamApp
+) -> None:
+    """The client promises 100 000 bytes, sends 10 and hangs up; upstream, which answers at once, must see that
+    connection closed, and the next request must come on a new one."""
+    peers: list[tuple[str, int]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else ("?", 0))
+        return web.Response(text="001e# service=git-upload-pack\n0000")
+
+    proxy = await start_proxy(config_for(await upstream_app(handler)) | {"server": {"maxUpstreamConnections": 1}})
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(
+        b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: 100000\r\n\r\n0123456789"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    writer.transport.abort()
+    await asyncio.sleep(0.2)
+    status, _, _ = await raw_request(proxy, INFO_REFS)
+    assert status == 200
+    assert len(peers) == 2 and peers[0] != peers[1], "the second request reused the half-written connection"
+
+
+# ---------------------------------------------------------------- headers
+
+
+async def test_only_allowlisted_client_headers_reach_upstream(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(static_config(fake_github.url))
+    kept = {
+        "Accept": "*/*", "Accept-Encoding": "gzip", "Accept-Language": "en", "Git-Protocol": "version=2",
+        "User-Agent": "git/2.45.0", "Pragma": "no-cache", "Cache-Control": "no-cache",
+    }  # fmt: skip
+    dropped = {
+        "X-Forwarded-For": "10.0.0.1", "X-Forwarded-Host": "evil.example", "X-Smuggle": "GET /x HTTP/1.0",
+        "Forwarded": "for=1.2.3.4", "X-Http-Method-Override": "DELETE", "Max-Forwards": "0", "Range": "bytes=0-1",
+        "If-None-Match": '"x"', "Priority": "u=1", "X-Github-Otp": "123456",
+    }  # fmt: skip
+    status, _, body = await raw_request(proxy, INFO_REFS, headers={**kept, **dropped, "X-Request-Id": "abc-123"})
+    assert status == 200, body
+    (seen,) = fake_github.seen
+    sent = {name.lower(): value for name, value in seen.headers.items()}
+    assert {name.lower(): value for name, value in kept.items()}.items() <= sent.items()
+    assert not {name.lower() for name in dropped} & set(sent)
+    assert sent["x-request-id"] == "abc-123"
+    assert set(sent) <= {*(n.lower() for n in kept), "host", "authorization", "x-request-id"}
+
+
+# ---------------------------------------------------------------- Host
+
+
+@pytest.mark.parametrize("host", ["rebind.attacker.example", "rebind.attacker.example:8080", "127.0.0.1.nip.io", ""])
+async def test_a_host_that_is_not_loopback_or_allowed_is_refused(
+    start_proxy: StartProxy, trap: TrapServer, host: str
+) -> None:
+    """DNS rebinding without Origin: a same-origin GET from a page on the attacker's name carries its Host."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    status, _, body = await raw_request(proxy, INFO_REFS, headers={"Host": host})
+    assert status == 421 and b"server.allowedHosts" in body
+    assert trap.accepted == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost:8080", "[::1]:8080", "git-proxy.internal", "ci:9000"])
+async def test_loopback_names_and_allowed_hosts_are_served(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy, host: str
+) -> None:
+    config = static_config(fake_github.url)
+    config["server"] = {"allowedHosts": ["Git-Proxy.Internal", "ci:9000"]}
+    proxy = await start_proxy(config)
+    status, _, _ = await raw_request(proxy, INFO_REFS, headers={"Host": host})
+    assert status == 200
+
+
+async def test_an_allowed_host_with_a_port_allows_only_that_port(start_proxy: StartProxy, trap: TrapServer) -> None:
+    config = config_for(f"http://127.0.0.1:{trap.port}")
+    config["server"] = {"allowedHosts": ["ci:9000"]}
+    proxy = await start_proxy(config)
+    status, _, _ = await raw_request(proxy, INFO_REFS, headers={"Host": "ci:9001"})
+    assert status == 421 and trap.accepted == 0
+
+
+# ---------------------------------------------------------------- patterns
+
+
+async def test_a_catastrophic_url_pattern_cannot_freeze_the_proxy(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    """With a backtracking engine, this 40-byte repo name takes longer than the age of the universe."""
+    config = static_config(fake_github.url)
+    config["github"]["appInstallation"]["auth"][0]["urlPattern"] = r"(?<baseUrl>github\.com)/acme/([a-z0-9]+-?)+-svc"
+    proxy = await start_proxy(config)
+    evil = "/github.com/acme/" + "a1-" * 13 + "x.git/info/refs?service=git-upload-pack"
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, evil), timeout=10)
+    assert status < 500  # matched no entry: forwarded anonymously, and the fake refuses it
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, "/healthz"), timeout=10)
+    assert status == 200
+
+
+# ---------------------------------------------------------------- stalled readers
+
+
+async def test_a_client_that_stops_reading_is_cut_and_frees_the_upstream_connection(
+    start_proxy: StartProxy, upstream_app: UpstreamApp
+) -> None:
+    upstream_closed = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("info/refs"):
+            return web.Response(text="001e# service=git-upload-pack\n0000")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(os.urandom(256 * 1024))
+        except (ConnectionError, asyncio.CancelledError):
+            upstream_closed.set()
+        return response
+
+    config = config_for(await upstream_app(endless))
+    config["server"] = {"writeTimeout": "1s", "maxUpstreamConnections": 1}
+    runner = web.AppRunner(await create_app(parse_config(config)), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        stalled = await asyncio.open_connection("127.0.0.1", port)
+        stalled[1].write(
+            b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
+            b"\r\n0000"
+        )
+        await stalled[1].drain()  # and never read a byte of the answer
+        await asyncio.wait_for(upstream_closed.wait(), timeout=20)
+        # The only upstream connection is free again: another client gets through.
+        status, _, _ = await asyncio.wait_for(raw_request(f"http://127.0.0.1:{port}", INFO_REFS), timeout=10)
+        assert status == 200
+        metrics = runner.app[PROXY].metrics
+        assert metrics.write_stalls._value.get() == 1
+        stalled[1].close()
+    finally:
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------- the edge
+
+
+class BrokenSource:
+    """A credential source with a bug in it: the data path must survive any exception, not just its own."""
+
+    entry_id = "acme-bot"
+    identity: object = "broken"
+
+    async def get_credential(self, repo: RepoRef) -> Credential:
+        raise RuntimeError("a bug, for example")
+
+    async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
+        return False
+
+    async def recheck_after_not_found(self, credential: Credential, repo: RepoRef) -> bool:
+        return False
+
+    def forget_failures(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_unexpected_exception_is_a_reasoned_500_with_a_request_id_metric_and_audit_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = await create_app(parse_config(static_config("http://127.0.0.1:1")))
+    proxy = app[PROXY]
+    proxy.live.current = dataclasses.replace(proxy.live.current, sources={"acme-bot": BrokenSource()})
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        status, headers, body = await raw_request(f"http://127.0.0.1:{runner.addresses[0][1]}", INFO_REFS)
+    finally:
+        await runner.cleanup()
+    assert status == 500 and headers["x-request-id"].encode() in body and b"internal error" in body
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+    (audit,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "git_token_proxy.audit"]
+    assert audit["status"] == 500 and audit["reason"]
+    assert proxy.metrics.requests.labels("refused", "5xx")._value.get() == 1
+    assert proxy.metrics.unexpected_errors._value.get() == 1
+    assert STATIC_TOKEN not in caplog.text
