@@ -134,3 +134,28 @@ async def test_a_reload_rebuilds_a_source_whose_api_url_changed(acme_app: AcmeAp
         assert after is not before and "http://127.0.0.1:2/api/v3" in str(after.identity)
     finally:
         await proxy.close()
+
+
+def test_access_rules_see_the_base_url_path_that_routing_matched() -> None:
+    """A client allowed `git.company.local/acme/app` must not get team-b's token through
+    `/git.company.local/team-b/acme/app`, whose entry's baseUrl is `git.company.local/team-b`."""
+    config = parse_config(
+        {
+            "upstreams": [{"host": "git.company.local"}],
+            "access": {"clients": [{"name": "ci", "token": TOKEN, "repos": [r"git\.company\.local/acme/app"]}]},
+            "github": {"appInstallation": {"auth": [
+                {"id": "team-b", "type": "OAUTH_TOKEN", "token": "team-b-token-0000",
+                 "urlPattern": r"(?<baseUrl>git\.company\.local/team-b)/.*"},
+                {"id": "company", "type": "OAUTH_TOKEN", "token": "company-token-000",
+                 "urlPattern": r"(?<baseUrl>git\.company\.local)/.*"},
+            ]}},
+        }
+    )  # fmt: skip
+    access, router = AccessControl(config.access.clients), Router(config.upstreams, config.auth)
+    client = access.authenticate(basic(TOKEN))
+    team_b = router.resolve_route("GET", "/git.company.local/team-b/acme/app/info/refs", "service=git-upload-pack")
+    assert team_b.entry is not None and team_b.entry.id == "team-b"
+    with pytest.raises(ClientForbidden, match="team-b/acme/app"):
+        access.authorize(client, team_b)
+    own = router.resolve_route("GET", "/git.company.local/acme/app.git/info/refs", "service=git-upload-pack")
+    access.authorize(client, own)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.logs import RedactingFilter, Redactor
+from proxy.logs import AuditRedactingFilter, RedactingFilter, Redactor, sanitise_for_client
 
 SECRETS_IN_LINES = [
     ("minted ghs_16C7e42F292c6912E7710c838347Ae178B4a for acme", "ghs_16C7e42F"),
@@ -54,3 +57,46 @@ def test_filter_covers_args_and_tracebacks() -> None:
     assert "c2VjcmV0LXZhbHVl" not in output
     assert "SECRETSECRETSECRET" not in output
     assert "RuntimeError" in output  # the traceback itself survives, only the secret goes
+
+
+AUDIT_PIECES = [*"\"'\\{}[],: =\n\tabcAZ09_-", "Authorization", "Bearer ", "token ", "ghs_", "eyJ", "://u:p@",
+                "-----BEGIN RSA PRIVATE KEY-----", "a" * 16, "Basic "]  # fmt: skip
+AUDIT_VALUES = st.lists(st.sampled_from(AUDIT_PIECES), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(AUDIT_VALUES, min_size=1, max_size=5))
+def test_every_audit_line_parses_as_json_whatever_its_values(values: list[str]) -> None:
+    """The redactor must never cut through JSON syntax: values are redacted before the line is serialised."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(AuditRedactingFilter(Redactor()))
+    record = {f"k{i}": value for i, value in enumerate(values)} | {"path": "/" + "/".join(values)}
+    logger = logging.getLogger("test.audit.json")
+    logger.setLevel(logging.INFO)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.info("%s", json.dumps(record, separators=(",", ":")))
+    line = stream.getvalue()
+    assert json.loads(line).keys() == record.keys()
+
+
+def test_audit_values_are_redacted() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(AuditRedactingFilter(Redactor()))
+    logger = logging.getLogger("test.audit.redacted")
+    logger.setLevel(logging.INFO)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.info("%s", json.dumps({"path": '/x/Authorization: "Basic c2VjcmV0LXNlY3JldC1zZWNyZXQ=', "n": 1}))
+    line = json.loads(stream.getvalue())
+    assert "c2VjcmV0" not in line["path"] and line["n"] == 1
+
+
+def test_messages_for_git_are_one_bounded_redacted_line() -> None:
+    hostile = "\x1b[31mred\x1b[0m\nremote: forged line ghs_abcdefghijklmnop eyJa.eyJb.c2ln " + "x" * 5000
+    shown = sanitise_for_client(hostile)
+    assert "\x1b" not in shown and "\n" not in shown
+    assert "ghs_abcdefghijklmnop" not in shown and "eyJa.eyJb" not in shown
+    assert len(shown) <= 1000
