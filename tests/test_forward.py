@@ -249,6 +249,7 @@ async def test_client_hanging_up_mid_stream_closes_upstream_quietly(
     writer.write(f"GET {INFO_REFS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await reader.readexactly(200_000)
     writer.transport.abort()
+    writer.close()
     await asyncio.wait_for(upstream_gone.wait(), timeout=10)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert any("client closed the connection" in r.getMessage() for r in caplog.records)

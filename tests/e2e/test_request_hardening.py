@@ -128,6 +128,7 @@ async def test_a_streamed_body_cut_short_never_leaves_a_connection_in_the_pool(
     await writer.drain()
     await asyncio.sleep(0.5)
     writer.transport.abort()
+    writer.close()
     await asyncio.sleep(0.2)
     status, _, _ = await raw_request(proxy, INFO_REFS)
     assert status == 200
