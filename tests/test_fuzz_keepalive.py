@@ -39,7 +39,8 @@ ALLOWED = {
 }
 NOT_ALLOWED = {
     "X-Forwarded-For": "10.1.2.3", "X-Forwarded-Host": "evil.example", "Forwarded": "for=1.2.3.4",
-    "Cookie": "session=stolen", "Authorization": "Basic ZXZpbDpldmls", "X-Smuggle": "POST /x/y/git-receive-pack HTTP/1.0",
+    "Cookie": "session=stolen", "Authorization": "Basic ZXZpbDpldmls",
+    "X-Smuggle": "POST /x/y/git-receive-pack HTTP/1.0",
     "Proxy-Authorization": "Basic eDp4", "X-Http-Method-Override": "DELETE", "Range": "bytes=0-10", "Te": "trailers",
 }  # fmt: skip
 EXPECTED_AUTHORIZATION = "Basic " + base64.b64encode(f"x-access-token:{STATIC_TOKEN}".encode()).decode()

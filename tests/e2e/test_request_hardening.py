@@ -7,6 +7,7 @@ Each test drives the real proxy with raw bytes where git cannot produce them, in
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
@@ -200,11 +201,11 @@ async def test_an_allowed_host_with_a_port_allows_only_that_port(start_proxy: St
 async def test_a_catastrophic_url_pattern_cannot_freeze_the_proxy(
     fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
 ) -> None:
-    """With a backtracking engine, this 40-byte repo name takes longer than the age of the universe."""
+    """With a backtracking engine, each more `a` doubles the time: 34 of them take hours."""
     config = static_config(fake_github.url)
     config["github"]["appInstallation"]["auth"][0]["urlPattern"] = r"(?<baseUrl>github\.com)/acme/([a-z0-9]+-?)+-svc"
     proxy = await start_proxy(config)
-    evil = "/github.com/acme/" + "a1-" * 13 + "x.git/info/refs?service=git-upload-pack"
+    evil = "/github.com/acme/" + "a" * 34 + ".git/info/refs?service=git-upload-pack"
     status, _, _ = await asyncio.wait_for(raw_request(proxy, evil), timeout=10)
     assert status < 500  # matched no entry: forwarded anonymously, and the fake refuses it
     status, _, _ = await asyncio.wait_for(raw_request(proxy, "/healthz"), timeout=10)
@@ -301,3 +302,64 @@ async def test_an_unexpected_exception_is_a_reasoned_500_with_a_request_id_metri
     assert proxy.metrics.requests.labels("refused", "5xx")._value.get() == 1
     assert proxy.metrics.unexpected_errors._value.get() == 1
     assert STATIC_TOKEN not in caplog.text
+
+
+# ---------------------------------------------------------------- access scopes and audit lines
+
+
+async def test_a_client_scoped_to_a_repo_cannot_reach_it_through_another_entrys_base_url(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    config = static_config(fake_github.url)
+    auth = config["github"]["appInstallation"]["auth"]
+    auth.insert(0, {**auth[0], "id": "team-b", "urlPattern": r"(?<baseUrl>github\.com/team-b)/.*"})
+    client_token = "client-token-for-acme-private"
+    config["access"] = {"clients": [{"name": "ci", "token": client_token, "repos": [r"github\.com/acme/private"]}]}
+    proxy = await start_proxy(config)
+    credentials = {"Authorization": "Basic " + base64.b64encode(f"x:{client_token}".encode()).decode()}
+    status, _, body = await raw_request(
+        proxy, "/github.com/team-b/acme/private.git/info/refs?service=git-upload-pack", headers=credentials
+    )
+    assert status == 403 and b"may not access github.com/team-b/acme/private" in body
+    assert fake_github.seen == []
+    status, _, _ = await raw_request(proxy, INFO_REFS, headers=credentials)
+    assert status == 200
+
+
+async def test_the_audit_line_of_a_refused_hostile_path_is_valid_json(
+    start_proxy: StartProxy, trap: TrapServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.logs import configure_logging
+
+    redactor = configure_logging("INFO")
+    audit = logging.getLogger("git_token_proxy.audit")
+    lines: list[str] = []
+    audit.addHandler(_Collect(lines, audit.handlers[0].filters))
+    try:
+        proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+        for path in [
+            '/github.com/authorization:"x\\/info/refs',
+            '/github.com/a/Authorization=abc}"{/x',
+            "/x/token%20" + "a" * 20,
+        ]:
+            await raw_request(proxy, path)
+    finally:
+        logging.getLogger().handlers.clear()
+        audit.handlers.clear()
+        audit.propagate = True
+    assert redactor is not None and len(lines) == 3
+    for line in lines:
+        assert json.loads(line)["status"] == 400
+
+
+class _Collect(logging.Handler):
+    """Keeps the formatted audit lines, after the same filters as the real audit handler."""
+
+    def __init__(self, lines: list[str], filters: list[Any]) -> None:
+        super().__init__()
+        self.lines = lines
+        for f in filters:
+            self.addFilter(f)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
