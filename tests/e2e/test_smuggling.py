@@ -111,16 +111,19 @@ async def test_a_partial_read_only_body_cannot_smuggle_a_request_onto_a_pooled_c
     pack = empty_push(commit, "refs/heads/pwned") if payload == "push" else b""
 
     # The second request: a GET whose X-Smuggle value is where the attacker wants upstream to start parsing.
-    second = head(
-        [
-            "GET /github.com/acme/private.git/info/refs?service=git-upload-pack HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "X-Request-Id: fixed-id-for-layout",
-            f"X-Smuggle: {SMUGGLED[payload]}",
-            "Content-Type: application/x-git-receive-pack-request",
-            *([f"Content-Length: {len(pack)}"] if pack else []),
-        ]
-    ) + pack
+    second = (
+        head(
+            [
+                "GET /github.com/acme/private.git/info/refs?service=git-upload-pack HTTP/1.1",
+                f"Host: 127.0.0.1:{port}",
+                "X-Request-Id: fixed-id-for-layout",
+                f"X-Smuggle: {SMUGGLED[payload]}",
+                "Content-Type: application/x-git-receive-pack-request",
+                *([f"Content-Length: {len(pack)}"] if pack else []),
+            ]
+        )
+        + pack
+    )
     # Calibration: where does that value sit in what the proxy sends upstream? (Harmless on its own.)
     await exchange(port, second)
     sent = bytes(relay.sent[-1]) if relay.sent else b""  # nothing at all, when the proxy refuses that GET
