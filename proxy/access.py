@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -52,13 +51,29 @@ async def enforce_read_only(
     if route.endpoint is not LFS_BATCH:
         return None
     body = await read_whole_body(request, LFS_BATCH_LIMIT, body_timeout)
-    try:
-        operation = json.loads(body).get("operation")
-    except (ValueError, AttributeError):
-        operation = None
-    if operation != "download":
+    if _lfs_operation(body) != "download":
         raise ReadOnlyRefused(f"{who} is read-only: only LFS downloads from {route.repo} are allowed")
     return body
+
+
+def _lfs_operation(body: bytes) -> str | None:
+    """The batch request's `operation`, only when every JSON parser would read the same one: upstream is not
+    necessarily Python (Go's encoding/json matches keys case-insensitively, and the last one wins), so a document
+    with two keys that fold to `operation` has no single answer and is not trusted."""
+    seen: list[str] = []
+
+    def collect(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen.extend(key for key, _ in pairs if key.casefold() == "operation")
+        return dict(pairs)
+
+    try:
+        document = json.loads(body, object_pairs_hook=collect)
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` a hundred thousand deep
+        return None
+    if not isinstance(document, dict) or len(seen) != 1 or "operation" not in document:
+        return None
+    operation = document["operation"]
+    return operation if isinstance(operation, str) else None
 
 
 async def read_whole_body(request: web.Request, limit: int, within: float) -> bytes:
@@ -131,6 +146,6 @@ def _basic_password(authorization: str | None) -> str | None:
         return None
     try:
         _, colon, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text, which b64decode refuses
         return None
     return password if colon and password else None

@@ -143,6 +143,12 @@ class _Exchange:
     reason: str | None = None  # why the proxy refused the request
     aborted: str | None = None  # why a transfer already under way was cut
     request_sent: bool = False  # upstream received the whole request body (or there was none)
+    body_failed: bool = False  # the client's streamed body broke off
+    upstream: aiohttp.ClientResponse | None = None  # once its headers have come
+
+    def close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
 
 
 # ---------------------------------------------------------------- the transfer watch
@@ -152,15 +158,16 @@ class _Exchange:
 class _Watched:
     exchange: _Exchange
     transport: asyncio.Transport
-    upstream: aiohttp.ClientResponse
-    seen: int = -1
+    streams_body: bool  # the client sends a body that the proxy streams (rather than one already read)
+    seen: tuple[int, int] = (-1, -1)  # bytes in, bytes out at the last sweep
     progress_at: float = field(default_factory=time.monotonic)
 
 
 class TransferWatch:
-    """Cuts transfers whose client stopped reading. A client that keeps its connection open and reads nothing
-    would otherwise hold an upstream connection (of a capped pool) for ever. Nothing is done per chunk but the
-    byte count the audit line needs anyway: a periodic sweep compares counts, so a fast clone pays no timer."""
+    """Cuts transfers whose client went quiet: one that stops sending its request body, or stops reading its
+    answer, while keeping the connection open. Either would otherwise hold an upstream connection (of a capped
+    pool) for ever. Nothing is done per chunk but the byte counts the audit line needs anyway: a periodic sweep
+    compares them, so a fast clone pays no timer."""
 
     def __init__(self, write_timeout: float, metrics: Metrics) -> None:
         self.write_timeout = write_timeout
@@ -171,8 +178,8 @@ class TransferWatch:
     def sweep_interval(self) -> float:
         return max(0.05, min(self.write_timeout / 4, 15.0))
 
-    def add(self, exchange: _Exchange, transport: asyncio.Transport, upstream: aiohttp.ClientResponse) -> None:
-        self._active[exchange] = _Watched(exchange, transport, upstream)
+    def add(self, exchange: _Exchange, transport: asyncio.Transport, streams_body: bool) -> None:
+        self._active[exchange] = _Watched(exchange, transport, streams_body)
 
     def remove(self, exchange: _Exchange) -> None:
         self._active.pop(exchange, None)
@@ -187,23 +194,31 @@ class TransferWatch:
 
     def sweep(self, now: float) -> None:
         for watched in list(self._active.values()):
-            sent = watched.exchange.bytes_out
-            # Progress, or nothing queued for the client (then it is upstream that is silent, which the
-            # upstream read timeout handles): either way the client is not the one holding things up.
-            if sent != watched.seen or watched.transport.get_write_buffer_size() == 0:
-                watched.seen, watched.progress_at = sent, now
+            exchange = watched.exchange
+            counts = (exchange.bytes_in, exchange.bytes_out)
+            if counts != watched.seen or not self._client_holds_it_up(watched):
+                watched.seen, watched.progress_at = counts, now
             elif now - watched.progress_at >= self.write_timeout:
                 self._cut(watched)
 
+    @staticmethod
+    def _client_holds_it_up(watched: _Watched) -> bool:
+        """Before the answer: the client owes body bytes. During it: bytes wait for the client to read them.
+        Otherwise it is upstream that is silent, and the upstream read timeout is the judge of that."""
+        if watched.exchange.upstream is None:
+            return watched.streams_body and not watched.exchange.request_sent
+        return watched.transport.get_write_buffer_size() > 0
+
     def _cut(self, watched: _Watched) -> None:
-        self.remove(watched.exchange)
-        watched.exchange.aborted = f"the client read nothing for {self.write_timeout:.0f} s (server.writeTimeout)"
+        exchange = watched.exchange
+        self.remove(exchange)
+        exchange.aborted = f"the client went quiet for {self.write_timeout:.0f} s (server.writeTimeout)"
         log.warning(
-            "request %s: aborting the transfer after %d bytes: %s",
-            watched.exchange.request_id, watched.exchange.bytes_out, watched.exchange.aborted,
+            "request %s: aborting the transfer after %d bytes in, %d out: %s",
+            exchange.request_id, exchange.bytes_in, exchange.bytes_out, exchange.aborted,
         )  # fmt: skip
         self._metrics.write_stalls.inc()
-        watched.upstream.close()  # never back to the pool: the response was not read to its end
+        exchange.close_upstream()  # never back to the pool: the exchange did not complete
         watched.transport.abort()
 
 
@@ -246,6 +261,20 @@ async def _forward(
         context.access.authorize(client, route)
         _refuse_body_on_get(request)
         body = await enforce_read_only(request, route, client, context.body_timeout)
+    except ProxyError as error:
+        return _refuse(error, exchange)
+    if request.transport is not None:
+        transfers.add(exchange, request.transport, streams_body=request.body_exists and body is None)
+    try:
+        return await _exchange_with_upstream(request, route, context, exchange, body)
+    finally:
+        transfers.remove(exchange)
+
+
+async def _exchange_with_upstream(
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
+) -> web.StreamResponse:
+    try:
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         return _refuse(error, exchange)
@@ -256,7 +285,7 @@ async def _forward(
         )
         response.headers["X-Request-Id"] = exchange.request_id
         exchange.status = response.status
-        complete = await _stream_back(request, opened.upstream, response, exchange, transfers)
+        complete = await _stream_back(request, opened.upstream, response, exchange)
     finally:
         _finish(opened.upstream, complete and exchange.request_sent)
     return response
@@ -279,7 +308,8 @@ def _check_host(request: web.Request, allowed_hosts: frozenset[str]) -> None:
     listed are served."""
     hosts = request.headers.getall("Host", ())
     value = hosts[0].strip().lower() if len(hosts) == 1 else ""
-    name = value.rpartition(":")[0] if value.rpartition(":")[2].isdigit() else value
+    host, _, port = value.rpartition(":")
+    name = host if port.isascii() and port.isdigit() else value
     if value and (name in _LOOPBACK_NAMES or value in allowed_hosts or name in allowed_hosts):
         return
     shown = sanitise_for_client(value, 100) if value else "(none)"
@@ -319,17 +349,25 @@ async def _open_upstream(
     """Send the request upstream; a dead token on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
     credential = exchange.credential = await _credential(source, route, context.metrics)
-    upstream = await _send(request, route, credential, context, exchange, body)
+    upstream = exchange.upstream = await _send(request, route, credential, context, exchange, body)
     try:
+        _refuse_if_body_broke(exchange)
         if source and credential and await _token_was_dead(upstream, request, route, source, credential):
             upstream.close()  # its body was not read: the connection is not reused
             credential = exchange.credential = await _credential(source, route, context.metrics)
-            upstream = await _send(request, route, credential, context, exchange, body)
+            upstream = exchange.upstream = await _send(request, route, credential, context, exchange, body)
         _check_status(upstream, route, credential)
         return _Opened(upstream, credential, _response_headers(upstream, route))
     except BaseException:
         upstream.close()
         raise
+
+
+def _refuse_if_body_broke(exchange: _Exchange) -> None:
+    """Upstream may answer before it has the whole body (git http-backend does). If the client's body broke off
+    meanwhile, that answer belongs to a request upstream never fully got: it is not passed on."""
+    if exchange.body_failed:
+        raise RequestBodyRefused("the request body broke off before it was complete")
 
 
 async def _token_was_dead(
@@ -350,17 +388,11 @@ async def _token_was_dead(
 
 
 async def _stream_back(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    response: web.StreamResponse,
-    exchange: _Exchange,
-    transfers: TransferWatch,
+    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: _Exchange
 ) -> bool:
     """Copy the body as it arrives; memory holds one chunk at a time whatever the repo size. True when the whole
     response reached the client."""
     await response.prepare(request)
-    if request.transport is not None:
-        transfers.add(exchange, request.transport, upstream)
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
@@ -386,8 +418,6 @@ async def _stream_back(
         log.exception("unexpected error after %d bytes; aborting the client connection", exchange.bytes_out)
         exchange.aborted = "internal error (see the proxy's log)"
         _abort_client(request)
-    finally:
-        transfers.remove(exchange)
     return False
 
 
@@ -517,13 +547,20 @@ def _request_body(
 
 async def _streamed(content: aiohttp.StreamReader, exchange: _Exchange, declared: int | None) -> AsyncIterator[bytes]:
     received = 0
-    async for chunk in content.iter_any():
-        received += len(chunk)
-        exchange.bytes_in += len(chunk)
-        yield chunk
-    if declared is not None and received != declared:
-        # aiohttp closes the upstream connection when a body generator raises: it is never reused.
-        raise RequestBodyRefused(f"request body ended after {received} of its {declared} bytes")
+    try:
+        async for chunk in content.iter_any():
+            received += len(chunk)
+            exchange.bytes_in += len(chunk)
+            yield chunk
+        if declared is not None and received != declared:
+            raise RequestBodyRefused(f"request body ended after {received} of its {declared} bytes")
+    except BaseException:
+        # aiohttp closes the upstream connection when a body generator raises, but if upstream already answered,
+        # the error never reaches the response body being read (and its read timeout is dropped): upstream would
+        # wait for the rest of the body, and the proxy for the rest of the answer, for ever. So close it here.
+        exchange.body_failed = True
+        exchange.close_upstream()
+        raise
     exchange.request_sent = True
 
 

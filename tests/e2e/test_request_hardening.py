@@ -363,3 +363,87 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+# ---------------------------------------------------------------- found by the red team
+
+
+async def test_a_client_hanging_up_mid_body_after_upstream_answered_frees_the_connection(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    """git http-backend sends its headers before it has read the body. A client that then hangs up used to leave
+    upstream waiting for the rest of the body and the proxy for the rest of the answer: the pool's only
+    connection was held for good."""
+    config = static_config(fake_github.url)
+    config["server"] = {"maxUpstreamConnections": 1}
+    proxy = await start_proxy(config)
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(
+        b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: 100\r\n\r\n0032want "
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()
+    writer.close()
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, INFO_REFS), timeout=10)
+    assert status == 200
+
+
+async def test_a_client_that_stops_sending_its_body_is_cut(start_proxy: StartProxy, upstream_app: UpstreamApp) -> None:
+    reached: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(len(await request.read()))
+        return web.Response(text="ok")
+
+    config = config_for(await upstream_app(handler))
+    config["server"] = {"writeTimeout": "1s", "maxUpstreamConnections": 1}
+    proxy = await start_proxy(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(
+        b"POST /github.com/acme/private.git/git-receive-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b"0" * 1000
+    )  # and then nothing, with the connection left open
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), timeout=20) == b""  # cut without an answer
+    writer.close()
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, INFO_REFS), timeout=10)
+    assert status == 200 and reached == [0]  # the next request got the connection; the cut one never completed
+
+
+async def test_a_non_ascii_client_authorization_is_a_401(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    config = static_config(fake_github.url)
+    config["access"] = {"clients": [{"name": "a", "token": "client-token-123456", "repos": [".*"]}]}
+    proxy = await start_proxy(config)
+    raw = (
+        f"GET {INFO_REFS} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
+        + b"Authorization: Basic \xc3\xa9\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+    writer.write(raw)
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,  # RecursionError in json
+        b'{"operation":"download","Operation":"upload","objects":[]}',  # Go reads the last, case-insensitively
+        b'{"operation":"upload","operation":"download","objects":[]}',  # a first-key-wins parser reads upload
+        b'{"objects":[{"operation":"download"}]}',
+    ],
+)
+async def test_a_read_only_lfs_batch_whose_operation_is_not_plainly_download_is_refused(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy, body: bytes
+) -> None:
+    proxy = await start_proxy(read_only_static(fake_github.url))
+    status, _, text = await raw_request(
+        proxy, LFS_BATCH, "POST", headers={"Content-Type": "application/vnd.git-lfs+json"}, body=body
+    )
+    assert status == 403 and b"only LFS downloads" in text
+    assert fake_github.seen == []
