@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"git-token-proxy: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except OSError as error:
+        # What the config names but cannot be had, such as a port already in use: one line, not a traceback.
+        print(f"git-token-proxy: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -98,6 +100,12 @@ class ServerConfig(_Model):
     # /metrics, /healthz and /readyz on a port of their own (which stays up while git traffic drains).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str | None = None  # default: server.host
+    # Host names (with or without :port) that clients may use besides loopback ones: a request whose Host header
+    # names anything else is refused, so a web page cannot reach the proxy through DNS rebinding.
+    allowed_hosts: list[str] = []
+    # A client that reads nothing of its response for this long has its transfer aborted on both sides, so that a
+    # stuck client cannot hold an upstream connection for ever.
+    write_timeout: PositiveDuration = 300.0
 
     def refuse_unsafe_bind(self, host: str, has_clients: bool) -> None:
         if has_clients or self.allow_unauthenticated or is_loopback(host):
@@ -151,6 +159,18 @@ class UpstreamConfig(_Model):
 
 class TlsConfig(_Model):
     ca_file: Path | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_is_readable(cls, path: Path | None) -> Path | None:
+        # OpenSSL reads it later, at start-up: a missing file would surface as a traceback there, and a FIFO or
+        # /dev/zero would hang start-up. Checked here, the message names the key.
+        if path is not None:
+            try:
+                read_regular_file(path, CA_FILE_MAX_BYTES)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"cannot read {path}: {_read_problem(error)}") from None
+        return path
 
 
 class _EntryBase(_Model):
@@ -209,6 +229,16 @@ class GitHubAppEntry(_EntryBase):
             object.__setattr__(self, "api_url", self.api_url.rstrip("/"))
         return self
 
+    @model_validator(mode="after")
+    def _read_only_asks_for_no_write(self) -> GitHubAppEntry:
+        # readOnly refuses pushes at the proxy, but a token minted with write permissions could still push if it
+        # ever left the proxy: the two settings contradict each other, and the operator should choose.
+        if self.read_only:
+            for name, level in (self.permissions or {}).items():
+                if level != "read":
+                    raise ValueError(f"readOnly is true but permissions.{name} is {level!r}")
+        return self
+
     @property
     def issuer(self) -> str:
         """The JWT `iss`, always a string (GitHub accepts the client ID or the app ID)."""
@@ -255,11 +285,17 @@ def _load_secret_file(index: int, path: Path) -> GitHubAppEntry:
     """A Concord user secret: JSON whose `githubAppInstallation` holds the entry, with the PEM inline."""
     where = f"secretFiles[{index}] ({path})"
     try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise ValueError(f"{where}: cannot read: {error.strerror}") from None
+        raw = read_regular_file(path, SECRET_FILE_MAX_BYTES)
+    except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte in it
+        raise ValueError(f"{where}: cannot read: {_read_problem(error)}") from None
+    try:
+        data = json.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not valid UTF-8") from None
     except ValueError as error:
         raise ValueError(f"{where}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not valid JSON: nested too deeply") from None
     fields = data.get("githubAppInstallation") if isinstance(data, dict) else None
     if not isinstance(fields, dict):
         raise ValueError(f"{where}: expected a JSON object with a 'githubAppInstallation' object")
@@ -425,13 +461,159 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file. Whatever the file holds, this takes bounded time and memory and
+    fails only with a ConfigError naming the file: `--watch` and SIGHUP load whatever lands at that path."""
     path = Path(path)
+    text = _read_config_text(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config file: {error.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = _load_bounded_yaml(text)
+    except _YamlRefused as error:
+        raise ConfigError(f"{path}: refused: {_yaml_problem(error)}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    except (ValueError, OverflowError):
+        # PyYAML converts a date such as 2024-13-45, or an integer of thousands of digits, with Python's own
+        # constructors; their messages are not PyYAML's, so say plainly what kind of value it is.
+        raise ConfigError(f"{path}: not valid YAML: a number or date is out of range") from None
     return parse_config(data, str(path))
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        raw = read_regular_file(path, CONFIG_MAX_BYTES)
+    except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte in it
+        raise ConfigError(f"{path}: cannot read config file: {_read_problem(error)}") from None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8: byte {raw[error.start]:#04x} at offset {error.start}") from None
+
+
+# ---------------------------------------------------------------- bounded reading
+
+# A config, a secret file or a key file may be replaced by anything (a FIFO, /dev/zero, a 50 GiB file) while the
+# proxy runs, and --watch reads them every few seconds: every read is bounded, and only regular files are read.
+CONFIG_MAX_BYTES = 1024 * 1024
+SECRET_FILE_MAX_BYTES = 64 * 1024  # a Concord secret is a few fields and one PEM of 2-4 KiB
+CA_FILE_MAX_BYTES = 16 * 1024 * 1024  # a CA bundle; the system one is about 200 KiB
+# A real config uses a few aliases (`<<: *defaults` per entry) and a few hundred nodes. An alias bomb ("billion
+# laughs") is a few hundred bytes that expand into billions of nodes; these limits refuse it while it is composed,
+# before anything has expanded.
+YAML_MAX_ALIASES = 100
+YAML_MAX_NODES = 100_000  # counted with every alias expanded
+YAML_MAX_DEPTH = 64  # PyYAML composes recursively: far deeper nesting would end in a RecursionError
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Anything else is an OSError whose `strerror` says
+    why (`not a regular file (a FIFO)`, `larger than 1 MiB`), raised at once: nothing here blocks or reads without
+    end."""
+    _require_regular(path, path.stat(), limit)  # before opening: opening a device can block or have side effects
+    # O_NONBLOCK: a FIFO swapped in between the stat and the open must not block the open (it has no effect on a
+    # regular file); fstat on the open file then has the last word.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        _require_regular(path, os.fstat(fd), limit)
+        data = file.read(limit + 1)  # the size can grow after the stat: never read more than one byte too many
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {_bytes(limit)}", str(path))
+    return data
+
+
+def file_kind(mode: int) -> str | None:
+    """What a non-regular file is ('a FIFO', 'a directory', ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _require_regular(path: Path, status: os.stat_result, limit: int) -> None:
+    kind = file_kind(status.st_mode)
+    if kind is not None:
+        raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+    if status.st_size > limit:
+        raise OSError(errno.EFBIG, f"larger than {_bytes(limit)}", str(path))
+
+
+def _bytes(count: int) -> str:
+    return f"{count // (1024 * 1024)} MiB" if count >= 1024 * 1024 else f"{count // 1024} KiB"
+
+
+def _read_problem(error: OSError | ValueError) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+
+
+class _YamlRefused(yaml.MarkedYAMLError):
+    """Valid YAML that is refused because it would expand beyond the limits above."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses alias bombs (billion laughs, merge-key bombs), recursive aliases and very deep
+    nesting while it composes the document: checking after loading would be too late, since the expansion happens
+    in what walks the loaded data (merge keys, ${ENV} expansion, validation)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+        self._sizes: dict[yaml.Node, int] = {}  # a composed node -> how many nodes it stands for, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            return self._compose_alias(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise self._refused(f"nested more than {YAML_MAX_DEPTH} levels deep")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        assert node is not None  # only the end of a stream composes to nothing, and that is no node event
+        # Every child went through compose_node before its parent completes, so its size is known: one pass.
+        size = self._sizes[node] = 1 + sum(self._sizes[child] for child in _children(node))
+        if size > YAML_MAX_NODES:
+            raise _YamlRefused(
+                problem=f"more than {YAML_MAX_NODES:,} nodes once aliases are expanded (an alias bomb?)",
+                problem_mark=node.start_mark,
+            )
+        return node
+
+    def _compose_alias(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        anchor = self._next_event().anchor
+        target = self.anchors.get(anchor)
+        if target is not None and target not in self._sizes:  # still being composed: the alias is inside it
+            raise self._refused(f"alias *{anchor} is inside the node it refers to (a recursive alias)")
+        self._aliases += 1
+        if self._aliases > YAML_MAX_ALIASES:
+            raise self._refused(f"more than {YAML_MAX_ALIASES} aliases (*name); the limit stops alias bombs")
+        return super().compose_node(parent, index)  # an unknown anchor: PyYAML's own error
+
+    def _refused(self, problem: str) -> _YamlRefused:
+        return _YamlRefused(problem=problem, problem_mark=self._next_event().start_mark)
+
+    def _next_event(self) -> Any:  # an AliasEvent, a NodeEvent: each has the start_mark and anchor used here
+        return self.peek_event()  # type: ignore[no-untyped-call]
+
+
+def _children(node: yaml.Node) -> Iterable[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value  # type: ignore[no-any-return]
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return ()
+
+
+def _load_bounded_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

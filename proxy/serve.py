@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from . import __version__
 from .app import PROXY, Proxy, create_app, create_ops_app
-from .config import Config, ConfigError, GitHubAppEntry, load_config
+from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, file_kind, load_config, read_regular_file
 from .credentials.keys import key_file_of
 from .logs import Redactor
 
@@ -27,21 +29,30 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     # handle_signals=False: this function owns SIGTERM, so that /readyz can say "draining" while transfers finish.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    ops_runner = await _start_ops_site(proxy, host)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        ops_runner = await _start_ops_site(proxy, host)
+    except OSError:  # a port in use: the CLI says so in one line; the sessions the app opened are closed first
+        await runner.cleanup()
+        raise
     log.info("git-token-proxy %s listening on http://%s:%d", __version__, host, port)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_config(proxy, config_path, redactor))
-    watcher = asyncio.create_task(_watch(proxy, config_path, redactor)) if watch else None
+    reloader = Reloader(proxy, config_path, redactor)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    watcher = None
+    if watch:
+        poll = ConfigWatcher(proxy, config_path, reloader).poll
+        watcher = asyncio.create_task(keep_running(poll, WATCH_INTERVAL, "config watcher"))
 
     await stop.wait()
     started = loop.time()
     proxy.draining = True  # /readyz answers 503 from now on
     log.info("stopping: no new connections; in-flight transfers get up to %.0f s", config.server.shutdown_grace)
+    reloader.cancel()
     if watcher:
         watcher.cancel()
     # A second SIGTERM or SIGINT (an impatient operator) ends the drain at once.
@@ -70,29 +81,90 @@ async def _start_ops_site(proxy: Proxy, host: str) -> web.AppRunner | None:
     return runner
 
 
-def reload_config(proxy: Proxy, path: Path, redactor: Redactor) -> bool:
-    """Atomic: the new config fully loads (keys included) or the running one stays, with the reason logged."""
+async def reload_config(proxy: Proxy, path: Path, redactor: Redactor) -> bool:
+    """Atomic: the new config fully loads (keys included) or the running one stays, with the reason logged once.
+    Files are read and parsed in a thread: a huge, hostile or blocking file must not stall /healthz or transfers."""
     try:
-        config = load_config(path)
+        config = await asyncio.to_thread(load_config, path)
         redactor.add_secrets(config.secrets)
-        proxy.reload(config)
+        await proxy.reload(config)
     except ConfigError as error:
         log.error("reload rejected; the running configuration stays: %s", error)
+        return False
+    except Exception:
+        # A bug rather than a bad file: it must not end the process, nor the watcher that asked for the reload.
+        log.exception("reload failed unexpectedly; the running configuration stays")
         return False
     return True
 
 
-async def _watch(proxy: Proxy, path: Path, redactor: Redactor) -> None:
+class Reloader:
+    """Reloads one at a time, whoever asks (SIGHUP or the watcher), so that two never race to swap the config."""
+
+    def __init__(self, proxy: Proxy, path: Path, redactor: Redactor) -> None:
+        self._proxy, self._path, self._redactor = proxy, path, redactor
+        self._lock = asyncio.Lock()
+        self._queued = False  # a SIGHUP's reload is waiting for the lock
+        self._tasks: set[asyncio.Task[bool]] = set()  # strong references: the loop keeps only weak ones
+
+    def request(self) -> None:
+        """The SIGHUP handler. A SIGHUP during a reload runs one more after it, since the file may have changed
+        after that reload read it; further SIGHUPs while that one waits add nothing, it will read the newest file."""
+        if self._queued:
+            return
+        self._queued = True
+        task = asyncio.create_task(self._reload_when_free())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_when_free(self) -> bool:
+        async with self._lock:
+            self._queued = False
+            return await reload_config(self._proxy, self._path, self._redactor)
+
+    async def reload(self) -> bool:
+        async with self._lock:
+            return await reload_config(self._proxy, self._path, self._redactor)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()  # the swap happens after the last await, so a cancelled reload changes nothing
+
+
+async def keep_running(poll: Callable[[], Awaitable[None]], interval: float, name: str) -> None:
+    """Calls `poll` every `interval` seconds until cancelled. A background task must outlive any failure of one
+    round, or it silently stops for good: each failure is logged with its traceback, once until a round succeeds
+    or fails differently, so that a persistent problem does not flood the log every few seconds."""
+    last_failure: str | None = None
+    while True:
+        try:
+            await poll()
+            last_failure = None
+        except Exception as error:
+            failure = f"{type(error).__name__}: {error}"
+            if failure != last_failure:
+                log.exception("%s failed; it carries on (logged again only if the failure changes)", name)
+            last_failure = failure
+        await asyncio.sleep(interval)
+
+
+class ConfigWatcher:
     """Polls the content of the config, its key files and its secret files: it survives editors that replace
     files and Kubernetes' symlink swaps alike, and a rotated Secret is picked up like an edited ConfigMap."""
-    last = _digest(_watched_files(path, proxy.config))
-    while True:
-        await asyncio.sleep(WATCH_INTERVAL)
-        current = _digest(_watched_files(path, proxy.config))
-        if current is not None and current != last:
-            last = current
-            log.info("%s or a file it names changed; reloading", path)
-            reload_config(proxy, path, redactor)
+
+    def __init__(self, proxy: Proxy, path: Path, reloader: Reloader) -> None:
+        self._proxy, self._path, self._reloader = proxy, path, reloader
+        self._last: bytes | None = None  # the first poll only takes stock
+
+    async def poll(self) -> None:
+        files = _watched_files(self._path, self._proxy.config)
+        current = await asyncio.to_thread(_digest, files)  # file reads never run on the event loop
+        if current is None:
+            return
+        if self._last is not None and current != self._last:
+            log.info("%s or a file it names changed; reloading", self._path)
+            await self._reloader.reload()
+        self._last = current  # even when rejected: the same content is not retried, nor its rejection logged again
 
 
 def _watched_files(path: Path, config: Config) -> list[Path]:
@@ -105,7 +177,23 @@ def _digest(paths: list[Path]) -> bytes | None:
     digest = hashlib.sha256()
     try:
         for path in paths:
-            digest.update(path.read_bytes())
+            digest.update(_file_digest(path))
     except OSError:
         return None  # mid-swap or briefly missing: keep what runs, look again later
     return digest.digest()
+
+
+def _file_digest(path: Path) -> bytes:
+    """What the file is and holds, read with the config's bounds. A FIFO, a device or a huge file is not read:
+    its kind or size stands for its content, so that replacing a file with one still triggers a reload, and that
+    reload rejects it with the reason."""
+    status = path.stat()
+    kind = file_kind(status.st_mode)
+    if kind is not None:
+        return kind.encode()
+    try:
+        return hashlib.sha256(read_regular_file(path, CONFIG_MAX_BYTES)).digest()
+    except OSError as error:
+        if error.errno != errno.EFBIG:
+            raise
+        return f"large:{status.st_size}:{status.st_mtime_ns}".encode()

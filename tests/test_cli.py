@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from proxy.check import run_check
 from proxy.config import parse_config
 from proxy.testing import FakeGitHub, generate_app_key, pkcs1_pem, public_pem
 from tests.conftest import AcmeApp, app_config
+from tests.test_config import alias_bomb
 
 GOOD = """
 upstreams:
@@ -79,6 +81,56 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert "nope.yaml: cannot read config file" in done.stderr and "Traceback" not in done.stderr
 
 
+def hostile_config_file(tmp_path: Path, kind: str) -> Path:
+    """What may land where a config is expected: each would block, exhaust memory or crash a naive loader."""
+    path = tmp_path / "config.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "50 MiB":
+        path.write_text(("#" + "x" * 1022 + "\n") * 50 * 1024)  # valid YAML all the way: only the size is wrong
+    elif kind == "alias bomb":
+        path.write_text(alias_bomb(9))
+    else:
+        path.write_bytes(b"server:\n  host: \xff\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [("fifo", "cannot read config file: not a regular file (a FIFO)"),
+     ("/dev/zero", "cannot read config file: not a regular file (a character device)"),
+     ("directory", "cannot read config file: not a regular file (a directory)"),
+     ("50 MiB", "cannot read config file: larger than 1 MiB"),
+     ("alias bomb", "refused: more than 100,000 nodes once aliases are expanded (an alias bomb?)"),
+     ("invalid UTF-8", "not valid UTF-8: byte 0xff")],
+)  # fmt: skip
+def test_hostile_config_files_exit_with_one_line_naming_file_and_problem(
+    tmp_path: Path, kind: str, problem: str
+) -> None:
+    path = hostile_config_file(tmp_path, kind)
+    for command in ("check", "serve"):
+        done = run_cli(command, "--config", str(path))
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"git-token-proxy: configuration error: {path}: {problem}")
+
+
+def test_a_port_in_use_is_one_line_too(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams:\n  - host: github.com\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_cli("serve", "--config", str(config), "--port", str(taken.getsockname()[1]))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "address already in use" in line
+
+
 def test_demo_runs_end_to_end() -> None:
     done = run_cli("demo")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -92,34 +144,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_healthz(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                assert response.read() == b"ok\n"
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+
+
 def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("upstreams:\n  - host: github.com\n")
     port = free_port()
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-                    assert response.read() == b"ok\n"
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.1)
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/evil.example/a/b/info/refs?service=git-upload-pack")
-        assert refused.value.code == 403
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-    finally:
-        process.kill()
-    stderr = process.stderr.read() if process.stderr else ""
+    ) as process:  # the context closes the pipe: an unclosed one is a ResourceWarning, and warnings are errors
+        try:
+            wait_for_healthz(port)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/evil.example/a/b/info/refs?service=git-upload-pack")
+            refused.value.close()
+            assert refused.value.code == 403
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0
+        finally:
+            process.kill()
+        stderr = process.stderr.read() if process.stderr else ""
     assert f"listening on http://127.0.0.1:{port}" in stderr
     assert "Traceback" not in stderr
 

@@ -1,13 +1,26 @@
-"""Config: Concord's keys and defaults, durations, ${ENV} expansion, and errors that name the key."""
+"""Config: Concord's keys and defaults, durations, ${ENV} expansion, errors that name the key, and files that are
+read within bounds whatever they hold."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, OAuthTokenEntry, parse_config, parse_duration
+from proxy.config import (
+    CONFIG_MAX_BYTES,
+    SECRET_FILE_MAX_BYTES,
+    ConfigError,
+    GitHubAppEntry,
+    OAuthTokenEntry,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 
 
 def entry(**fields: Any) -> dict[str, Any]:
@@ -145,3 +158,158 @@ def test_non_loopback_bind_needs_clients_or_an_explicit_opt_out() -> None:
 def test_bad_access_clients(client: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"access": {"clients": [client]}})
+
+
+# ---------------------------------------------------------------- bounded files and YAML
+
+
+def alias_bomb(levels: int) -> str:
+    """The "billion laughs": each level is a list of nine aliases to the level below, 9**levels strings in all."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def app_entry(**fields: Any) -> dict[str, Any]:
+    return {"type": "GITHUB_APP_INSTALLATION", "urlPattern": "(?<baseUrl>github\\.com)/acme/.*", "clientId": "Iv1",
+            "privateKey": "/keys/acme.pem", **fields}  # fmt: skip
+
+
+def config_file(tmp_path: Path, content: str | bytes) -> Path:
+    path = tmp_path / "config.yaml"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.timeout(10)  # today's loader would expand it for minutes: fail fast instead
+def test_a_400_byte_billion_laughs_is_refused_before_it_expands(tmp_path: Path) -> None:
+    path = config_file(tmp_path, alias_bomb(9))
+    assert path.stat().st_size < 500
+    with pytest.raises(ConfigError, match=r"config\.yaml: refused: more than 100,000 nodes once aliases are expanded"):
+        load_config(path)
+
+
+@pytest.mark.timeout(10)
+def test_a_merge_key_bomb_is_refused(tmp_path: Path) -> None:
+    lines = ["m0: &m0 {k: v}"] + [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}]}}" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_config(config_file(tmp_path, "\n".join(lines)))
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("x: &x 1\ny: [" + ", ".join(["*x"] * 101) + "]\n", "refused: more than 100 aliases"),
+     ("a: &a [1, *a]\n", "refused: alias *a is inside the node it refers to (a recursive alias)"),
+     ("a: " + "[" * 200 + "]" * 200 + "\n", "refused: nested more than 64 levels deep"),
+     ("a: " + "1" * 5000 + "\n", "not valid YAML: a number or date is out of range"),
+     ("a: 2024-13-45\n", "not valid YAML: a number or date is out of range")],
+    ids=["101 aliases", "recursive alias", "200 levels deep", "5000-digit integer", "month 13"],
+)  # fmt: skip
+def test_yaml_that_would_blow_up_is_refused_naming_the_problem(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config.yaml: {problem}")):
+        load_config(config_file(tmp_path, text))
+
+
+def test_a_few_aliases_still_work(tmp_path: Path) -> None:
+    text = r"""
+github:
+  appInstallation:
+    auth:
+      - &app {id: a, urlPattern: '(?<baseUrl>github\.com)/a/.*', type: GITHUB_APP_INSTALLATION, clientId: Iv1,
+              privateKey: /keys/a.pem}
+      - {<<: *app, id: b, urlPattern: '(?<baseUrl>github\.com)/b/.*'}
+"""
+    first, second = load_config(config_file(tmp_path, text)).auth
+    assert isinstance(second, GitHubAppEntry)
+    assert (first.id, second.id, second.issuer) == ("a", "b", "Iv1")  # b took a's keys, and its own
+    assert second.url_pattern == r"(?<baseUrl>github\.com)/b/.*"
+
+
+def test_the_config_file_size_is_capped(tmp_path: Path) -> None:
+    comment = "#" + "x" * 1022 + "\n"  # 1 KiB lines: a valid, empty YAML document of any size
+    path = config_file(tmp_path, comment * (CONFIG_MAX_BYTES // 1024))
+    assert load_config(path).auth == []  # exactly at the cap: read
+    path.write_text(comment * (CONFIG_MAX_BYTES // 1024) + "#")
+    with pytest.raises(ConfigError, match=r"config\.yaml: cannot read config file: larger than 1 MiB"):
+        load_config(path)
+
+
+def unusual_file(tmp_path: Path, kind: str) -> Path:
+    """A FIFO with no writer, a character device that never ends, or a directory, at a path of our own."""
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        path.symlink_to("/dev/zero")  # as a Secret's symlink would point somewhere
+    else:
+        path.mkdir()
+    return path
+
+
+UNUSUAL = [("fifo", "not a regular file (a FIFO)"), ("zero", "not a regular file (a character device)"),
+           ("directory", "not a regular file (a directory)")]  # fmt: skip
+
+
+@pytest.mark.timeout(10)  # today's loader blocks on the FIFO for ever, and reads /dev/zero until memory runs out
+@pytest.mark.parametrize(("kind", "problem"), UNUSUAL)
+def test_only_regular_files_are_read_and_nothing_blocks(tmp_path: Path, kind: str, problem: str) -> None:
+    path = unusual_file(tmp_path, kind)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: cannot read config file: {problem}")):
+        load_config(path)
+
+
+def test_invalid_utf8_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config\.yaml: not valid UTF-8: byte 0xff at offset 8"):
+        load_config(config_file(tmp_path, b"server:\n\xff\xfe\n"))
+
+
+def with_secret_file(path: Path) -> dict[str, Any]:
+    return {"github": {"appInstallation": {"secretFiles": [str(path)]}}}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("kind", "problem"), UNUSUAL)
+def test_secret_files_must_be_regular_files(tmp_path: Path, kind: str, problem: str) -> None:
+    path = unusual_file(tmp_path, kind)
+    with pytest.raises(ConfigError, match=re.escape(f"secretFiles[0] ({path}): cannot read: {problem}")):
+        parse_config(with_secret_file(path))
+
+
+def test_secret_files_are_capped_and_parsed_safely(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    fields = {"clientId": "Iv1", "urlPattern": "(?<baseUrl>github\\.com)/acme/.*", "privateKey": "/keys/acme.pem"}
+    secret.write_text(json.dumps({"githubAppInstallation": fields}))
+    assert parse_config(with_secret_file(secret)).auth[0].id == "secret:secret"
+    secret.write_text(json.dumps({"githubAppInstallation": {**fields, "pad": " " * SECRET_FILE_MAX_BYTES}}))
+    with pytest.raises(ConfigError, match=r"secret\.json\): cannot read: larger than 64 KiB"):
+        parse_config(with_secret_file(secret))
+    secret.write_text("[" * 30_000 + "]" * 30_000)  # under the cap, but deeper than the JSON parser can recurse
+    with pytest.raises(ConfigError, match=r"secret\.json\): not valid JSON"):
+        parse_config(with_secret_file(secret))
+    secret.write_bytes(b"\xff{}")
+    with pytest.raises(ConfigError, match=r"secret\.json\): not valid UTF-8"):
+        parse_config(with_secret_file(secret))
+
+
+@pytest.mark.timeout(10)
+def test_the_ca_file_must_be_a_readable_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.caFile: cannot read .*nope\.pem: No such file or directory"):
+        parse_config({"tls": {"caFile": str(tmp_path / "nope.pem")}})
+    fifo = unusual_file(tmp_path, "fifo")
+    with pytest.raises(ConfigError, match=r"tls\.caFile: cannot read .*fifo: not a regular file \(a FIFO\)"):
+        parse_config({"tls": {"caFile": str(fifo)}})
+
+
+@pytest.mark.parametrize("level", ["write", "admin"])
+def test_read_only_entries_cannot_ask_for_write_permissions(level: str) -> None:
+    bad = app_entry(readOnly=True, permissions={"metadata": "read", "contents": level})
+    message = f"github.appInstallation.auth[0]: readOnly is true but permissions.contents is '{level}'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(with_auth(bad))
+    read_only = parse_config(with_auth(app_entry(readOnly=True, permissions={"contents": "read"}))).auth[0]
+    assert isinstance(read_only, GitHubAppEntry) and read_only.token_permissions == {"contents": "read"}
+    writer = parse_config(with_auth(app_entry(permissions={"contents": level}))).auth[0]  # without readOnly: fine
+    assert isinstance(writer, GitHubAppEntry) and writer.token_permissions == {"contents": level}

@@ -1,5 +1,5 @@
-"""Operations, against `git-token-proxy serve` in its own process: drain on SIGTERM, reload on SIGHUP and on change,
-JSON logs with request ids and no secrets."""
+"""Operations, against `git-token-proxy serve` in its own process: drain on SIGTERM, reload on SIGHUP and on change
+(and refuse, without stalling, what must not be loaded), JSON logs with request ids and no secrets."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.testing import FakeGitHub
+from proxy.testing import FakeGitHub, pkcs1_pem
 from tests.conftest import AcmeApp, Git, app_config
+from tests.test_config import alias_bomb
 
 
 def free_port() -> int:
@@ -52,9 +53,9 @@ class ServeProcess:
             self.process = await asyncio.create_subprocess_exec(sys.executable, *args, stderr=stderr)
         await self.wait_for(lambda: self.answers("/healthz"), "the proxy to start")
 
-    def answers(self, path: str) -> bool:
+    def answers(self, path: str, timeout: float = 1) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
                 sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
                 return sock.recv(64).startswith(b"HTTP/1.1 200")
         except OSError:
@@ -73,6 +74,15 @@ class ServeProcess:
             assert self.process is None or self.process.returncode is None, f"serve exited:\n{self.stderr}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.stderr}"
             await asyncio.sleep(0.05)
+
+    async def keeps_answering_until(self, condition: Any, what: str, seconds: float = 20) -> None:
+        """Polls /healthz until `condition` holds; each poll must be answered within 5 s, so an event loop that a
+        reload stalls fails the test."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert await asyncio.to_thread(self.answers, "/healthz", 5), f"/healthz stalled:\n{self.stderr}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.stderr}"
+            await asyncio.sleep(0.1)
 
     async def signal(self, signum: int) -> None:
         assert self.process is not None
@@ -247,3 +257,60 @@ async def test_a_second_signal_cuts_the_drain_short(
     assert await proxy.stop() == 1
     assert "stopped by a second signal" in proxy.stderr
     assert (await clone).returncode != 0
+
+
+def replace_with(path: Path, kind: str) -> None:
+    """Atomically put a FIFO (no writer: opening it for reading blocks) or a link to /dev/zero where `path` was."""
+    replacement = path.with_suffix(".new")
+    if kind == "fifo":
+        os.mkfifo(replacement)
+    else:
+        replacement.symlink_to("/dev/zero")
+    os.replace(replacement, path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+async def test_watch_survives_a_key_file_replaced_by_a_fifo_or_dev_zero(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any, kind: str
+) -> None:
+    install_on_octo(fake_github, acme_app)
+    config = app_config(fake_github.url, acme_app)
+    proxy = await serve_process(config, "--watch")
+
+    replace_with(acme_app.key_file, kind)
+    await proxy.keeps_answering_until(lambda: "reload rejected" in proxy.stderr, "the rejection")
+    assert "acme-app" in next(line for line in proxy.stderr.splitlines() if "reload rejected" in line)
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "still")  # the running config serves
+
+    restored = acme_app.key_file.with_suffix(".new")
+    restored.write_text(pkcs1_pem(acme_app.key))
+    os.replace(restored, acme_app.key_file)
+    proxy.write_config(with_octo_entry(config, acme_app))  # a later good edit is still picked up
+    await proxy.wait_for(lambda: "configuration reloaded: 2 auth entries" in proxy.stderr, "the good edit")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")
+    assert proxy.stderr.count("reload rejected") == 1  # the watcher polled on, but said it once
+    assert await proxy.stop() == 0
+    assert "Traceback" not in proxy.stderr
+
+
+@pytest.mark.parametrize("trigger", ["--watch", "SIGHUP"])
+async def test_a_yaml_bomb_is_rejected_without_stalling_and_the_old_config_serves(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any, trigger: str
+) -> None:
+    install_on_octo(fake_github, acme_app)
+    config = app_config(fake_github.url, acme_app)
+    proxy = await serve_process(config, *([trigger] if trigger == "--watch" else []))
+
+    proxy.write_config(alias_bomb(7))  # ~340 bytes, 4.8 million strings once expanded
+    if trigger == "SIGHUP":
+        await proxy.signal(signal.SIGHUP)
+    await proxy.keeps_answering_until(lambda: "reload rejected" in proxy.stderr, "the rejection")
+    assert "alias bomb" in proxy.stderr
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "still")
+
+    proxy.write_config(with_octo_entry(config, acme_app))
+    if trigger == "SIGHUP":
+        await proxy.signal(signal.SIGHUP)
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the good edit")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")
+    assert await proxy.stop() == 0
