@@ -14,8 +14,9 @@ from aiohttp import web
 
 from . import __version__
 from .app import PROXY, Proxy, create_app, create_ops_app
-from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, file_kind, load_config, read_regular_file
+from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, load_config
 from .credentials.keys import key_file_of
+from .files import file_kind, read_regular_file
 from .logs import Redactor
 
 log = logging.getLogger("git_token_proxy.serve")
