@@ -74,6 +74,7 @@ def _positive(seconds: float) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveId = Annotated[int, Field(strict=True, gt=0, lt=2**63)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
@@ -207,9 +208,11 @@ class GitHubAppEntry(_EntryBase):
     # None: https://api.github.com for github.com, https://<upstream>/api/v3 for GitHub Enterprise Server.
     api_url: str | None = None
     client_id: str | None = None
-    app_id: int | None = None  # GHES before 3.14 accepts only the numeric app id as the JWT issuer
+    # GHES before 3.14 accepts only the numeric app id as the JWT issuer. Ids are strict positive integers:
+    # `true` must not become 1, nor `-1` a marker.
+    app_id: PositiveId | None = None
     private_key: SecretStr  # a file path, or the PEM itself; read and parsed once at start-up
-    installation_id: int | None = None  # skips the installation look-up
+    installation_id: PositiveId | None = None  # skips the installation look-up
     # Least privilege: what the minted token may do ({contents: read}, ...) and whether it covers only the repo
     # being fetched. Both become part of the cache key. readOnly without permissions asks for contents: read.
     permissions: dict[str, Literal["read", "write", "admin"]] | None = None

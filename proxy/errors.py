@@ -111,6 +111,11 @@ class GitHubRefused(CredentialError):
     """GitHub's API answered with an error that retrying will not fix (e.g. 422 for a permission not granted)."""
 
 
+class MalformedAnswer(GitHubRefused):
+    """GitHub said yes, but in a shape that cannot be used. After a mint, it means a token was made and lost, so
+    the source pauses before minting again (a `GitHubRefused` for everyone else: a 502)."""
+
+
 class InstallationGone(CredentialError):
     """Minting answered 404: the installation id is stale (the app was reinstalled)."""
 

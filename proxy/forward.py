@@ -32,6 +32,7 @@ from .errors import (
     HostNotAllowed,
     InstallationGone,
     JwtRejected,
+    MalformedAnswer,
     MethodNotAllowed,
     MisdirectedRequest,
     NotAGitEndpoint,
@@ -85,6 +86,7 @@ _STATUS: dict[type[ProxyError], int] = {
     CredentialError: 502,  # anything else a token source cannot overcome
     JwtRejected: 502,
     GitHubRefused: 502,
+    MalformedAnswer: 502,
     InstallationGone: 502,
     HealSuspended: 502,
     RateLimited: 503,

@@ -147,3 +147,33 @@ async def test_single_flight_survives_a_cancelled_waiter() -> None:
     assert await patient == 7 and calls == 1
     with pytest.raises(asyncio.CancelledError):
         await impatient
+
+
+async def test_side_tables_stay_within_the_bound() -> None:
+    cache = new_cache(max_entries=10)
+    for i in range(300):
+        await cache.get(f"k{i}", Minter(cache))
+    assert len(cache._expiries) <= 10
+    assert cache.seconds_until_soonest_expiry() > 0
+
+
+async def test_failed_refresh_pauses_are_bounded_and_forgotten() -> None:
+    cache = new_cache(max_entries=5, max_age=0.01)
+    for i in range(30):  # each key: a token, then a failed background refresh that leaves a pause behind
+        mint = Minter(cache)
+        await cache.get(f"k{i}", mint)
+        await asyncio.sleep(0.02)  # due for refresh, and still valid for an hour
+        mint.fail_with = RuntimeError("GitHub down")
+        await cache.get(f"k{i}", mint)
+        await asyncio.sleep(0)
+    assert len(cache._next_attempt) <= 5
+    await asyncio.sleep(0.01)
+    await cache.get("k29", mint)
+    await asyncio.sleep(0.01)
+    assert mint.calls == 2  # paused after the failure: no attempt per request
+    cache.forget_failures()  # a reload
+    mint.fail_with = None
+    assert (await cache.get("k29", mint)).token == "tok-1"  # the old token serves; a refresh starts at once
+    await asyncio.sleep(0.01)
+    assert mint.calls == 3
+    assert (await cache.get("k29", mint)).token == "tok-3"

@@ -81,3 +81,33 @@ def test_key_material_that_is_not_a_path_is_never_echoed(app_key: rsa.RSAPrivate
     with pytest.raises(ConfigError, match="neither a PEM") as error:
         load_app_key("acme", body[:300] + " " + body[300:])
     assert body[:40] not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_key_files_must_be_regular_files(tmp_path: Path, kind: str) -> None:
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "key.pem"
+        os.mkfifo(path)  # nobody writes: opening it for reading would wait for ever
+    elif kind == "dev-zero":
+        path = Path("/dev/zero")  # endless: reading it whole would fill memory
+    else:
+        path = tmp_path
+    with pytest.raises(ConfigError, match=rf"'acme'.*privateKey file {path}: not a regular file"):
+        load_app_key("acme", str(path))
+
+
+def test_key_files_are_read_with_a_size_cap(app_key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    path = tmp_path / "huge.pem"
+    path.write_text(pkcs1_pem(app_key) + "#" * (200 * 1024 * 1024 // 1000) * 1000)
+    with pytest.raises(ConfigError, match=rf"'acme'.*privateKey file {path}: larger than 64 KiB"):
+        load_app_key("acme", str(path))
+
+
+def test_a_symlinked_key_file_is_read(app_key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    """Kubernetes Secret volumes are symlinks to symlinks: the check follows them to the regular file."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "key.pem").write_text(pkcs1_pem(app_key))
+    (tmp_path / "key.pem").symlink_to(tmp_path / "data" / "key.pem")
+    assert load_app_key("acme", str(tmp_path / "key.pem")).fingerprint == fingerprint_of(app_key)

@@ -46,7 +46,18 @@ class CredentialSource(Protocol):
     async def get_credential(self, repo: RepoRef) -> Credential: ...
 
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
-        """Upstream rejected `credential`: drop it. True when asking again may give a different one."""
+        """Upstream rejected `credential` (401): drop it. True when asking again may give a different one. Raises
+        HealSuspended while renewing is paused because fresh tokens were rejected too."""
+        ...
+
+    async def recheck_after_not_found(self, credential: Credential, repo: RepoRef) -> bool:
+        """Upstream answered 404 with `credential`, which is how GitHub answers a dead token on a private repo.
+        True when the credential turned out dead and was dropped: one retry with a fresh one is worth it."""
+        ...
+
+    def forget_failures(self) -> None:
+        """A reload (SIGHUP, --watch): forget every remembered failure (rate limits, negative answers, backoffs),
+        so that the next request asks again. Tokens and positive answers stay."""
         ...
 
     async def close(self) -> None: ...

@@ -19,6 +19,8 @@ from . import Credential
 log = logging.getLogger("git_token_proxy.cache")
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 # A token due for refresh that still has this long to live keeps serving while the refresh runs in the background.
 STALE_GRACE = 60.0
 # After a background refresh failed, the next one waits this long: an outage must not add a timeout to every clone.
@@ -49,6 +51,21 @@ class SingleFlight(Generic[T]):
             del self._flights[key]
         if not flight.cancelled():
             flight.exception()  # retrieved: an error nobody waited for is not logged as "never retrieved"
+
+
+class BoundedDict(OrderedDict[K, V]):
+    """A dict that keeps at most `max_entries`, the least recently set out first. For every side table keyed by
+    something a client can vary (a repo, an owner, a token), so that no scan can grow it without end."""
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.max_entries:
+            self.popitem(last=False)
 
 
 class BoundedStore:
@@ -97,8 +114,9 @@ class TokenCache:
     def __init__(self, *, max_entries: int, max_age: float, refresh_before: float) -> None:
         self._store = BoundedStore(max_entries, "tokens")
         self._flights: SingleFlight[CachedToken] = SingleFlight()
-        self._next_attempt: dict[str, float] = {}  # key -> monotonic time; set only after a failed refresh
-        self._expiries: dict[str, float] = {}  # key -> monotonic expiry, for the soonest-expiry gauge
+        # Side tables, bounded like the store: a key that fell out of the store must not stay here for ever.
+        self._next_attempt: BoundedDict[str, float] = BoundedDict(max_entries)  # after a failed refresh only
+        self._expiries: BoundedDict[str, float] = BoundedDict(max_entries)  # for the soonest-expiry gauge
         self.max_age = max_age
         self.refresh_before = refresh_before
 
@@ -154,9 +172,14 @@ class TokenCache:
         """NaN when no token is cached, so an alert on a low value does not fire on an idle proxy."""
         now = time.monotonic()
         live = [expires for expires in self._expiries.values() if expires > now]
-        if len(live) < len(self._expiries):  # forget tokens that expired (or fell out of the bounded store)
-            self._expiries = {k: v for k, v in self._expiries.items() if v > now}
+        if len(live) < len(self._expiries):  # forget tokens that expired
+            for key in [k for k, expires in self._expiries.items() if expires <= now]:
+                del self._expiries[key]
         return min(live) - now if live else math.nan
+
+    def forget_failures(self) -> None:
+        """A reload: a refresh that failed is tried again at once, not after its pause."""
+        self._next_attempt.clear()
 
     async def peek(self, key: str) -> CachedToken | None:
         return await self._store.get(key)  # type: ignore[no-any-return]

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from functools import cached_property
 from typing import Any
 
 import aiohttp
 import jwt
+from multidict import CIMultiDictProxy
 
 from .. import __version__
-from ..errors import (
-    AppNotInstalled,
-    GitHubRefused,
-    GitHubUnavailable,
-    InstallationGone,
-    JwtRejected,
-    RateLimited,
+from ..errors import GitHubRefused, GitHubUnavailable, InstallationGone, JwtRejected, MalformedAnswer, RateLimited
+from .answers import (
+    MAX_BODY,
+    MAX_SKEW,
+    AppAnswer,
+    InstallationAnswer,
+    RateLimitAnswer,
+    TokenAnswer,
+    github_now,
+    parse_answer,
+    parse_date,
+    rate_limit_wait,
+    sanitise_message,
+    token_lifetime,
 )
 from .keys import AppKey
 
@@ -33,17 +42,17 @@ API_VERSION = "2022-11-28"
 JWT_BACKDATE = 60
 JWT_LIFETIME = 540
 JWT_REUSE = 480  # re-sign after 8 minutes, well before the 9-minute `exp`
-MAX_SKEW = 600  # never trust a Date header further off than 10 minutes
 MAX_TRIES = 3
 SHORT_RATE_LIMIT_WAIT = 10.0  # waits up to this long are sat out; longer ones fail fast with a 503
 _SKEW_MESSAGES = ("'Issued at'", "'Expiration time'")
+_READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class MintedToken:
     token: str = field(repr=False)
     expires_at: datetime
-    lifetime: float  # seconds it had left when minted, measured on GitHub's clock (expires_at - Date)
+    lifetime: float  # seconds it had left when minted, on GitHub's clock, clamped to GitHub's maximum
     permissions: dict[str, str]
     repositories: list[str] | None
 
@@ -51,13 +60,14 @@ class MintedToken:
 @dataclass(frozen=True)
 class _Answer:
     status: int
-    data: dict[str, Any]
-    headers: Any  # CIMultiDictProxy: case-insensitive
-    server_time: float | None  # GitHub's clock, from the Date header
+    body: bytes | None  # None: larger than MAX_BODY, left unread
+    headers: CIMultiDictProxy[str]
+    server_time: float | None  # GitHub's clock, from the Date header (None when absent or absurd)
 
-    @property
+    @cached_property
     def message(self) -> str:
-        return str(self.data.get("message") or f"HTTP {self.status}")
+        """GitHub's own words, sanitised: safe for a terminal and a log line. Parsed only when someone asks."""
+        return _message_of(self.status, self.body)
 
 
 class GitHubAppApi:
@@ -79,43 +89,71 @@ class GitHubAppApi:
         self._rate_limited_until = 0.0  # wall clock: until then, fail fast without asking GitHub again
         self.key_fingerprint = key.fingerprint
 
-    # ------------------------------------------------------------ the three calls
+    def forget_failures(self) -> None:
+        """A reload: GitHub gets asked again at once, whatever rate limit it announced."""
+        self._rate_limited_until = 0.0
+
+    # ------------------------------------------------------------ the calls
 
     async def get_app(self) -> dict[str, Any]:
         answer = await self._call("GET", "/app")
         if answer.status != 200:
             raise GitHubRefused(f"GitHub refused GET /app for {self.entry_id!r}: {answer.message}")
-        return answer.data
+        return parse_answer(AppAnswer, answer.body, f"GitHub's answer to GET /app for {self.entry_id!r}").model_dump()
 
-    async def find_installation(self, owner: str, repo: str) -> int:
+    async def find_owner_installation(self, owner: str) -> int | None:
+        """The app's installation on an account, or None when it has none there (or cannot see it). An
+        organisation answers on /orgs, a user on /users: the other one is a 404, so both are asked in turn."""
+        for kind in ("orgs", "users"):
+            answer = await self._call("GET", f"/{kind}/{owner}/installation")
+            if answer.status != 404:
+                return self._installation_id(answer, owner)
+        return None
+
+    async def find_repo_installation(self, owner: str, repo: str) -> int | None:
+        """The installation that can see one repo. Not on the data path (see GitHubAppSource): a diagnostic that
+        tells "installed, but this repo is not selected" apart, for `check --repo`."""
         answer = await self._call("GET", f"/repos/{owner}/{repo}/installation")
-        if answer.status == 404:
-            raise AppNotInstalled(f"GitHub App {self.entry_id!r} is not installed on {owner}/{repo} (or cannot see it)")
-        if answer.status != 200 or not isinstance(answer.data.get("id"), int):
-            raise GitHubRefused(
-                f"GitHub refused the installation look-up of {self.entry_id!r} for {owner}/{repo}: {answer.message}"
-            )
-        return int(answer.data["id"])
+        return None if answer.status == 404 else self._installation_id(answer, f"{owner}/{repo}")
+
+    def _installation_id(self, answer: _Answer, where: str) -> int:
+        what = f"the installation look-up of {self.entry_id!r} for {where}"
+        if answer.status != 200:
+            raise GitHubRefused(f"GitHub refused {what}: {answer.message}")
+        return parse_answer(InstallationAnswer, answer.body, f"GitHub's answer to {what}").id
 
     async def create_installation_token(self, installation_id: int, scope: dict[str, Any] | None = None) -> MintedToken:
         answer = await self._call("POST", f"/app/installations/{installation_id}/access_tokens", body=scope)
         if answer.status == 404:
             raise InstallationGone(installation_id, f"installation {installation_id} of {self.entry_id!r} is gone")
-        if answer.status != 201 or not isinstance(answer.data.get("token"), str):
+        if answer.status != 201:
             raise GitHubRefused(f"GitHub refused to mint a token for {self.entry_id!r}: {answer.message}")
-        try:
-            expires_at = datetime.fromisoformat(str(answer.data["expires_at"]).replace("Z", "+00:00"))
-        except (KeyError, ValueError):
-            raise GitHubRefused(f"GitHub's token for {self.entry_id!r} came without a valid expires_at") from None
-        github_now = answer.server_time if answer.server_time is not None else time.time() + self._skew
-        repositories = answer.data.get("repositories")
+        what = f"GitHub's new token for {self.entry_id!r}"
+        parsed = parse_answer(TokenAnswer, answer.body, what)
+        lifetime = token_lifetime(parsed.expires_at, github_now(answer.server_time, self._skew, time.time()))
+        if lifetime <= 0:
+            raise MalformedAnswer(f"{what} is malformed: it expired before it arrived")
         return MintedToken(
-            token=answer.data["token"],
-            expires_at=expires_at,
-            lifetime=expires_at.timestamp() - github_now,
-            permissions=dict(answer.data.get("permissions") or {}),
-            repositories=[r.get("full_name", r.get("name")) for r in repositories] if repositories else None,
+            token=parsed.token,
+            expires_at=parsed.expires_at,
+            lifetime=lifetime,
+            permissions=dict(parsed.permissions),
+            repositories=[r.full_name or r.name for r in parsed.repositories] if parsed.repositories else None,
         )
+
+    async def token_is_alive(self, token: str) -> bool:
+        """Asks GitHub about an installation token with the token itself: GET /rate_limit, which costs no quota.
+        False on a 401 (revoked or expired); raises a CredentialError when GitHub gives no clear answer."""
+        try:
+            answer = await self._send_once("GET", f"{self.api_url}/rate_limit", None, self.timeout, f"token {token}")
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise GitHubUnavailable(f"GitHub API unreachable for {self.entry_id!r}: {_describe(error)}") from None
+        if answer.status == 401:
+            return False
+        if answer.status != 200:
+            raise GitHubRefused(f"GitHub answered HTTP {answer.status} to a token check for {self.entry_id!r}")
+        parse_answer(RateLimitAnswer, answer.body, f"GitHub's answer to a token check for {self.entry_id!r}")
+        return True
 
     # ------------------------------------------------------------ JWT
 
@@ -153,7 +191,7 @@ class GitHubAppApi:
             # Each try gets its share of what is left, so one hung connection cannot eat every retry's time.
             budget = (deadline - loop.time()) / max(1, MAX_TRIES - tries + 1)
             try:
-                answer = await self._send_once(method, url, body, budget)
+                answer = await self._send_once(method, url, body, budget, f"Bearer {self._signed_jwt()}")
             except (TimeoutError, aiohttp.ClientError) as error:
                 if tries < MAX_TRIES and await _backoff(tries, deadline):
                     continue
@@ -171,20 +209,27 @@ class GitHubAppApi:
                     skew_retried = True
                     continue
                 raise JwtRejected(f"GitHub rejected the JWT for {self.entry_id!r}: {answer.message}")
-            wait = _rate_limit_wait(answer)
-            if wait is not None:
-                wait = max(wait, 1.0)  # a reset "now" (clocks differ) must not become a busy loop
-                if wait <= SHORT_RATE_LIMIT_WAIT and tries < MAX_TRIES and loop.time() + wait < deadline:
-                    log.info("entry %r: GitHub rate limit, waiting %.1f s", self.entry_id, wait)
-                    await asyncio.sleep(wait)
-                    continue
-                self._rate_limited_until = time.time() + wait
-                self._fail_if_rate_limited()
+            if await self._waited_out_rate_limit(answer, tries, deadline):
+                continue
             location = answer.headers.get("Location", "")
             if answer.status in (301, 302, 307, 308) and not redirected and location.startswith(self.api_url + "/"):
-                url, redirected = location, True  # a renamed repo; never follow off the API host with a JWT
+                url, redirected = location, True  # a renamed account; never follow off the API host with a JWT
                 continue
             return answer
+
+    async def _waited_out_rate_limit(self, answer: _Answer, tries: int, deadline: float) -> bool:
+        """True after sitting out a short rate limit; raises RateLimited for a long one; False if there is none."""
+        wait = rate_limit_wait(answer.status, answer.headers, answer.message, answer.server_time)
+        if wait is None:
+            return False
+        wait = max(wait, 1.0)  # a reset "now" (clocks differ) must not become a busy loop
+        if wait <= SHORT_RATE_LIMIT_WAIT and tries < MAX_TRIES and asyncio.get_running_loop().time() + wait < deadline:
+            log.info("entry %r: GitHub rate limit, waiting %.1f s", self.entry_id, wait)
+            await asyncio.sleep(wait)
+            return True
+        self._rate_limited_until = time.time() + wait  # at most MAX_WAIT ahead: rate_limit_wait clamps
+        self._fail_if_rate_limited()
+        return False  # not reached: the window just set is still open
 
     def _fail_if_rate_limited(self) -> None:
         remaining = self._rate_limited_until - time.time()
@@ -194,49 +239,45 @@ class GitHubAppApi:
                 f"GitHub rate limit reached for {self.entry_id!r}; it resets at {resets} (in {remaining:.0f} s)"
             )
 
-    async def _send_once(self, method: str, url: str, body: dict[str, Any] | None, budget: float) -> _Answer:
+    async def _send_once(
+        self, method: str, url: str, body: dict[str, Any] | None, budget: float, authorization: str
+    ) -> _Answer:
         headers = {
             "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": API_VERSION,
             "User-Agent": f"git-token-proxy/{__version__}",
-            "Authorization": f"Bearer {self._signed_jwt()}",
+            "Authorization": authorization,
         }
         async with self._session.request(
             method, url, headers=headers, json=body, allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=max(budget, 0.001)),
         ) as response:  # fmt: skip
-            try:
-                data = await response.json(content_type=None)
-            except ValueError:
-                data = None
-            return _Answer(
-                response.status, data if isinstance(data, dict) else {}, response.headers, _date_of(response)
-            )
+            server_time = parse_date(response.headers.get("Date"), time.time())
+            return _Answer(response.status, await _read_capped(response), response.headers, server_time)
 
 
-def _date_of(response: aiohttp.ClientResponse) -> float | None:
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
+    """The body as the API session decompressed it, chunk by chunk: a gzip bomb stops at MAX_BODY, and the
+    connection is closed rather than drained. None when it was larger."""
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > MAX_BODY:
+            response.close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _message_of(status: int, body: bytes | None) -> str:
+    if body is None:
+        return f"HTTP {status} (an answer over {MAX_BODY // 1024} KiB, not read)"
     try:
-        return parsedate_to_datetime(response.headers["Date"]).timestamp()
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _rate_limit_wait(answer: _Answer) -> float | None:
-    """Seconds to wait if this is a rate limit (primary or secondary), else None."""
-    if answer.status not in (403, 429):
-        return None
-    headers = answer.headers
-    if "Retry-After" in headers:
-        try:
-            return max(0.0, float(headers["Retry-After"]))
-        except ValueError:
-            return 60.0
-    if headers.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in headers:
-        now = answer.server_time if answer.server_time is not None else time.time()
-        return max(0.0, float(headers["x-ratelimit-reset"]) - now)
-    if answer.status == 429 or "rate limit" in answer.message.lower():
-        return 60.0  # GitHub's advice for secondary limits without a header: wait at least a minute
-    return None
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested document
+        data = None
+    message = data.get("message") if isinstance(data, dict) else None
+    return sanitise_message(message) if isinstance(message, str) and message.strip() else f"HTTP {status}"
 
 
 async def _backoff(tries: int, deadline: float) -> bool:

@@ -1,24 +1,54 @@
-"""GitHub App credentials: repo → installation → installation token, cached per installation and shared by its repos."""
+"""GitHub App credentials: owner → installation → installation token, cached per installation and shared by its repos.
+
+Installations are looked up per owner (`/orgs/{owner}/installation`, then `/users/{owner}/installation`), not per
+repo: every repo of an owner has the same answer, so 300 repo names cost one look-up. A repo outside the
+installation's selection then gets GitHub's own 404 on the git endpoint, with a token that is already cached.
+`/repos/{owner}/{repo}/installation` is kept for `check --repo` only, where telling "installed, but this repo is not
+selected" apart is worth one call per run (GitHubAppApi.find_repo_installation).
+"""
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from ..config import GitHubAppEntry
-from ..errors import AppNotInstalled, CredentialError, GitHubRefused, InstallationGone
+from ..errors import (
+    AppNotInstalled,
+    CredentialError,
+    GitHubRefused,
+    HealSuspended,
+    InstallationGone,
+    MalformedAnswer,
+    RateLimited,
+)
 from ..metrics import Metrics
 from ..routing import RepoRef
 from . import Credential
-from .cache import BoundedStore, CachedToken, SingleFlight, TokenCache
+from .backoff import CallBudget, HealBackoff, Pauses
+from .cache import BoundedDict, BoundedStore, CachedToken, SingleFlight, TokenCache
 from .github_api import GitHubAppApi
 
 log = logging.getLogger("git_token_proxy.github_app")
 
-INSTALLATION_TTL = 3600.0  # repo → installation id rarely changes; a 404 on mint corrects it sooner
+INSTALLATION_TTL = 3600.0  # owner → installation id rarely changes; a 404 on mint corrects it sooner
 NOT_INSTALLED_TTL = 300.0  # a definite "not installed" is remembered briefly, so a typo does not hammer the API
-_NOT_INSTALLED = -1
+LOOKUPS_PER_OWNER_PER_MINUTE = 10  # failures are never cached; this bounds what they can cost
+# A mint answer that cannot be used means a token was made and lost: the next mint waits, doubling up to 5 min.
+MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE = 5.0, 300.0
+LIVENESS_PERIOD = 60.0  # one liveness check per token per minute, whatever the number of 404s
+
+
+class _NotInstalled(enum.Enum):
+    """The cached answer "the app has no installation on this owner": a type of its own, never an id."""
+
+    MARKER = "not installed"
+
+
+NOT_INSTALLED: Final = _NotInstalled.MARKER
 
 
 class GitHubAppSource:
@@ -33,12 +63,21 @@ class GitHubAppSource:
         self._metrics = metrics
         self._api = api
         self._tokens = tokens
+        self._max_entries = max_entries
+        # Owners are client-driven: every table keyed by them (or by tokens, or by repos) is bounded.
         self._installations = BoundedStore(max_entries, f"installations:{entry.id}")
-        self._lookups: SingleFlight[int] = SingleFlight()
+        self._not_installed = BoundedStore(max_entries, f"not-installed:{entry.id}")
+        self._lookups: SingleFlight[int | _NotInstalled] = SingleFlight()
+        self._lookup_budget = CallBudget(max_entries, LOOKUPS_PER_OWNER_PER_MINUTE)
+        self._mint_pauses = Pauses(max_entries, MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE)
+        self._heals = HealBackoff(max_entries)
+        self._checked: BoundedDict[str, float] = BoundedDict(max_entries)  # token digest → last liveness check
+        self._checks: SingleFlight[bool] = SingleFlight()
         self._permissions = entry.token_permissions
-        # The scope is part of the cache key: a read-only token must never serve a request that wanted more.
+        # The scope is part of the cache key: a read-only token must never serve a request that wanted more. So is
+        # the key's fingerprint: a rotated key mints anew, even with installationId set and the cache shared.
         scope = ",".join(f"{name}:{level}" for name, level in sorted((self._permissions or {}).items()))
-        self._key_prefix = f"{api.api_url}|{api.issuer}|{entry.username}|{scope}|"
+        self._key_prefix = f"{api.api_url}|{api.issuer}|{api.key_fingerprint}|{entry.username}|{scope}|"
 
     async def get_credential(self, repo: RepoRef) -> Credential:
         try:
@@ -50,53 +89,122 @@ class GitHubAppSource:
                 ) from None
             # The app was reinstalled: its old id is gone. Forget it (unless a concurrent request already
             # replaced it) and look it up again, once.
-            key = self._repo_key(repo)
-            if await self._installations.get(key) == gone.installation_id:
-                await self._installations.delete(key)
+            owner = self._owner_key(repo)
+            if await self._installations.get(owner) == gone.installation_id:
+                await self._installations.delete(owner)
             return await self._credential_for(repo)
 
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
-        """Upstream answered 401 to this token (revoked, or expired early): drop it so the retry mints anew."""
-        installation_id = await self._installations.get(self._repo_key(repo)) or self.entry.installation_id
-        if installation_id is None or installation_id == _NOT_INSTALLED:
+        """Upstream answered 401 to this token (revoked, or expired early): drop it so the retry mints anew,
+        unless heals are suspended for its installation (then HealSuspended says for how long)."""
+        key = await self._token_key_if_known(repo)
+        if key is None:
             return False
-        if await self._tokens.evict(self.token_key(installation_id, repo), credential):
-            # Counted once per rejected token, however many requests saw it fail.
-            log.warning("entry %r: upstream rejected a cached token; minting a new one", self.entry_id)
-            self._metrics.heals.labels(self.entry_id).inc()
+        suspended = self._heals.suspended_for(key, credential)
+        if suspended:
+            raise HealSuspended(
+                f"upstream rejected a freshly minted token of {self.entry_id!r} too; no new token for {suspended:.0f} s"
+            )
+        await self._heal(key, credential, "upstream rejected a cached token")
         return True  # evicted now or by a concurrent request: either way, asking again gives a fresh token
+
+    async def recheck_after_not_found(self, credential: Credential, repo: RepoRef) -> bool:
+        """GitHub answers a dead token on a private repo with 404, not 401. So after a 404 to a cached token, ask
+        GitHub whether the token is alive (at most once per token per minute, shared by all requests). True when
+        the token was dead and is evicted: a retry with a fresh one is worth it."""
+        if credential.origin != "cached":
+            return False  # a token minted for this very request is alive: the 404 is GitHub's answer
+        key = await self._token_key_if_known(repo)
+        if key is None:
+            return False
+        cached = await self._tokens.peek(key)
+        if cached is None or cached.reused.token != credential.token:
+            return True  # replaced since this request took it: one retry with the current token, no API call
+        digest = hashlib.sha256(credential.token.encode()).hexdigest()
+        last = self._checked.get(digest)
+        if last is not None and time.monotonic() - last < LIVENESS_PERIOD:
+            return False
+        return await self._checks.run(digest, lambda: self._check_liveness(key, digest, credential))
+
+    def forget_failures(self) -> None:
+        """A reload: whatever went wrong is asked about again at once. Rate-limit windows, "not installed"
+        answers, look-up budgets, paused mints, suspended heals and liveness results are forgotten."""
+        self._api.forget_failures()
+        self._not_installed = BoundedStore(self._max_entries, f"not-installed:{self.entry_id}")
+        for table in (self._lookup_budget, self._mint_pauses, self._heals, self._checked):
+            table.clear()
 
     async def close(self) -> None:
         return None
+
+    # ------------------------------------------------------------ healing
+
+    async def _heal(self, key: str, credential: Credential, why: str) -> bool:
+        evicted = await self._tokens.evict(key, credential)
+        if evicted:
+            # Counted once per rejected token, however many requests saw it fail.
+            log.warning("entry %r: %s; minting a new one", self.entry_id, why)
+            self._metrics.heals.labels(self.entry_id).inc()
+            self._heals.healed(key, credential)
+        return evicted
+
+    async def _check_liveness(self, key: str, digest: str, credential: Credential) -> bool:
+        self._checked[digest] = time.monotonic()  # before asking: a failed check also waits its minute
+        try:
+            alive = await self._api.token_is_alive(credential.token)
+        except CredentialError as error:
+            log.info("entry %r: could not check a token after a 404 (%s)", self.entry_id, error)
+            self._metrics.liveness_checks.labels(self.entry_id, "error").inc()
+            return False
+        self._metrics.liveness_checks.labels(self.entry_id, "alive" if alive else "dead").inc()
+        if alive or self._heals.suspended_for(key, credential):
+            return False
+        await self._heal(key, credential, "GitHub says a cached token is dead (it answered 404 with it)")
+        return True
 
     # ------------------------------------------------------------ installation ids
 
     async def installation_for(self, repo: RepoRef) -> int:
         if self.entry.installation_id is not None:
             return self.entry.installation_id
-        key = self._repo_key(repo)
-        known = await self._installations.get(key)
+        owner = self._owner_key(repo)
+        known: int | _NotInstalled | None = await self._installations.get(owner)
         if known is None:
-            known = await self._lookups.run(key, lambda: self._look_up(repo, key))
-        if known == _NOT_INSTALLED:
+            known = await self._not_installed.get(owner)
+        if known is None:
+            known = await self._lookups.run(owner, lambda: self._look_up(owner))
+        if known is NOT_INSTALLED:
             raise AppNotInstalled(
                 f"GitHub App {self.entry_id!r} is not installed on {repo.full_name} (or cannot see it)"
             )
-        return int(known)
+        assert isinstance(known, int)
+        return known
 
-    async def _look_up(self, repo: RepoRef, key: str) -> int:
+    async def _look_up(self, owner: str) -> int | _NotInstalled:
         try:
-            installation_id = await self._api.find_installation(repo.owner, repo.name)
-        except AppNotInstalled as error:
-            self._metrics.mint_failed(self.entry_id, error)
-            await self._installations.set(key, _NOT_INSTALLED, NOT_INSTALLED_TTL)
-            raise
+            self._spend_lookup(owner)
+            found = await self._api.find_owner_installation(owner)
         except CredentialError as error:
             self._metrics.mint_failed(self.entry_id, error)
             raise
         # Only answers are cached; a 5xx or a timeout raised above and left nothing behind.
-        await self._installations.set(key, installation_id, INSTALLATION_TTL)
-        return installation_id
+        if found is None:
+            self._metrics.mint_failed(self.entry_id, AppNotInstalled(owner))
+            await self._not_installed.set(owner, NOT_INSTALLED, NOT_INSTALLED_TTL)
+            return NOT_INSTALLED
+        await self._installations.set(owner, found, INSTALLATION_TTL)
+        return found
+
+    def _spend_lookup(self, owner: str) -> None:
+        wait = self._lookup_budget.take(owner)
+        if wait:
+            raise RateLimited(
+                f"too many installation look-ups of {self.entry_id!r} for {owner} "
+                f"({LOOKUPS_PER_OWNER_PER_MINUTE} a minute); the next in {wait:.0f} s"
+            )
+
+    def _owner_key(self, repo: RepoRef) -> str:
+        return repo.owner.lower()
 
     def _repo_key(self, repo: RepoRef) -> str:
         return f"{repo.owner}/{repo.name}".lower()
@@ -104,15 +212,22 @@ class GitHubAppSource:
     # ------------------------------------------------------------ tokens
 
     def token_key(self, installation_id: int, repo: RepoRef) -> str:
-        """One token per (API, app, username, scope, installation): every repo of the installation shares it,
+        """One token per (API, app, key, username, scope, installation): every repo of the installation shares it,
         unless scopeToRepository asks for one token per repo."""
         repo_part = self._repo_key(repo) if self.entry.scope_to_repository else ""
         return f"{self._key_prefix}{installation_id}|{repo_part}"
 
+    async def _token_key_if_known(self, repo: RepoRef) -> str | None:
+        """The cache key of the token `repo` uses, without asking GitHub anything (None if it is not known)."""
+        installation_id = self.entry.installation_id
+        if installation_id is None:
+            installation_id = await self._installations.get(self._owner_key(repo))
+        return self.token_key(installation_id, repo) if isinstance(installation_id, int) else None
+
     async def _credential_for(self, repo: RepoRef) -> Credential:
         installation_id = await self.installation_for(repo)
         key = self.token_key(installation_id, repo)
-        return await self._tokens.get(key, lambda: self._mint(installation_id, repo))
+        return await self._tokens.get(key, lambda: self._mint(installation_id, repo, key))
 
     def _scope(self, repo: RepoRef) -> dict[str, object] | None:
         scope: dict[str, object] = {}
@@ -122,15 +237,19 @@ class GitHubAppSource:
             scope["repositories"] = [repo.name]
         return scope or None
 
-    async def _mint(self, installation_id: int, repo: RepoRef) -> CachedToken:
+    async def _mint(self, installation_id: int, repo: RepoRef, key: str) -> CachedToken:
         started = time.monotonic()
         try:
+            self._refuse_if_paused(key)
             minted = await self._api.create_installation_token(installation_id, self._scope(repo))
         except InstallationGone:
             raise  # not a failure: get_credential looks the installation up again
         except CredentialError as error:
+            if isinstance(error, MalformedAnswer):
+                self._mint_pauses.failed(key, str(error))
             self._metrics.mint_failed(self.entry_id, error)
             raise
+        self._mint_pauses.succeeded(key)
         self._metrics.mints.labels(self.entry_id).inc()
         self._metrics.mint_latency.labels(self.entry_id).observe(time.monotonic() - started)
         expires, refresh_at = self._tokens.deadlines(minted.lifetime)
@@ -149,9 +268,19 @@ class GitHubAppSource:
             permissions=minted.permissions,
         )
 
+    def _refuse_if_paused(self, key: str) -> None:
+        paused = self._mint_pauses.current(key)
+        if paused is not None:
+            seconds, reason = paused
+            raise GitHubRefused(f"{reason}; not minting again for {seconds:.0f} s")
+
     async def describe_app(self) -> dict[str, Any]:
         """GET /app with this entry's JWT: proves the key and issuer are right (used by `check`)."""
         return await self._api.get_app()
+
+    async def repo_installation(self, repo: RepoRef) -> int | None:
+        """The installation that can see this very repo, or None: one API call, uncached, for `check --repo`."""
+        return await self._api.find_repo_installation(repo.owner, repo.name)
 
     async def peek_token(self, repo: RepoRef) -> CachedToken | None:
         return await self._tokens.peek(self.token_key(await self.installation_for(repo), repo))

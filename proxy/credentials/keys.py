@@ -12,6 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..config import ConfigError
+from ..files import read_regular_file
+
+MAX_KEY_FILE = 64 * 1024  # a 4096-bit PEM is about 3.3 KiB; anything much larger is not a key
 
 
 @dataclass(frozen=True, repr=False)
@@ -66,7 +69,7 @@ def _read_key_file(entry_id: str, value: str) -> tuple[str, bytes]:
         )
     path = Path(text).expanduser()
     try:
-        return str(path), normalise_pem(path.read_text())
+        return str(path), normalise_pem(read_regular_file(path, MAX_KEY_FILE).decode())
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or "not a text PEM file"
         raise ConfigError(f"auth entry {entry_id!r}: cannot read privateKey file {path}: {reason}") from None

@@ -19,5 +19,11 @@ class StaticTokenSource:
     async def invalidate(self, credential: Credential, repo: RepoRef) -> bool:
         return False  # a fixed token cannot be renewed; the 401 reaches the user as a readable error
 
+    async def recheck_after_not_found(self, credential: Credential, repo: RepoRef) -> bool:
+        return False  # nothing to renew: the 404 is passed on
+
+    def forget_failures(self) -> None:
+        return None  # a static token remembers no failure
+
     async def close(self) -> None:
         return None

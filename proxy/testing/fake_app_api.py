@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import json
 import re
 import secrets
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -32,8 +35,9 @@ _LEVELS = {"read": 1, "write": 2, "admin": 3}
 
 _API_PATH = re.compile(
     r"^(?:/api/v3)?(?P<path>/app|/repos/[^/]+/[^/]+/installation|/orgs/[^/]+/installation|/users/[^/]+/installation"
-    r"|/app/installations/\d+/access_tokens|/installation/token)$"
+    r"|/app/installations/\d+/access_tokens|/installation/token|/rate_limit)$"
 )
+_KINDS = {"lookup": "/installation", "mint": "/access_tokens", "app": "/app", "rate_limit": "/rate_limit"}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class FakeInstallation:
     account: str  # lowercase login
     repos: frozenset[str] | None  # lowercase owner/repo; None: every repo of the account
     permissions: dict[str, str]
+    account_type: str = "Organization"  # or "User": which of /orgs/… and /users/…/installation answers
 
     def covers(self, full_name: str) -> bool:
         owner = full_name.split("/")[0]
@@ -81,6 +86,37 @@ class Grant:
         return self.repos is None or full_name.lower() in self.repos
 
 
+@dataclass(frozen=True)
+class CannedAnswer:
+    """An answer served as is, whatever was asked: for GitHub at its worst (see FakeAppApi.script_next)."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, data: Any, headers: Mapping[str, str] | None = None) -> CannedAnswer:
+        return cls(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    @classmethod
+    def error(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> CannedAnswer:
+        return cls.json(status, {"message": message, "documentation_url": "https://docs.github.com/rest"}, headers)
+
+    @classmethod
+    def gzip_bomb(cls, status: int = 200, size_mib: int = 256) -> CannedAnswer:
+        """A few hundred KiB on the wire that inflate to `size_mib` MiB of JSON-looking bytes."""
+        return cls(status, _gzip_bomb(size_mib), {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(size_mib: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    megabyte = b" " * (1024 * 1024)
+    parts = [packer.compress(b'{"id": 1, "padding": "')]
+    parts += [packer.compress(megabyte) for _ in range(size_mib)]
+    return b"".join([*parts, packer.compress(b'"}'), packer.flush()])
+
+
 @dataclass
 class FakeAppApi:
     """Owned by FakeGitHub, which routes API paths here and shares its token grants and clock."""
@@ -97,6 +133,10 @@ class FakeAppApi:
     token_lifetime: float = 3600.0
     mint_latency: float = 0.0
     long_tokens: bool = False  # the stateless ghs_<appid>_<jwt> form: ~520 characters, with dots
+    # Applied to every successful mint answer (the token is minted and granted all the same): a malformed answer.
+    mangle_mints: Callable[[dict[str, Any]], Any] | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)  # on every API answer, Date included
+    _scripts: dict[str, deque[CannedAnswer]] = field(default_factory=dict)
     _next_installation_id: int = 1001  # never reused, as on GitHub: a reinstall gets a new id
     _failures: deque[int] = field(default_factory=deque)
     _lookup_failures: deque[int] = field(default_factory=deque)
@@ -112,12 +152,13 @@ class FakeAppApi:
 
     def add_installation(
         self, app: FakeApp, account: str, repos: Iterable[str] | None = None,
-        permissions: dict[str, str] | None = None,
+        permissions: dict[str, str] | None = None, *, account_type: str = "Organization",
     ) -> FakeInstallation:  # fmt: skip
+        """`account_type` is "Organization" or "User"; `repos` None means every repo of the account."""
         installation = FakeInstallation(
             self._next_installation_id, app, account.lower(),
             frozenset(r.lower() for r in repos) if repos is not None else None,
-            permissions or {"contents": "write", "metadata": "read"},
+            permissions or {"contents": "write", "metadata": "read"}, account_type,
         )  # fmt: skip
         self.installations[installation.id] = installation
         self._next_installation_id += 1
@@ -127,7 +168,7 @@ class FakeAppApi:
         """The app removed and installed again: the old id answers 404 from now on."""
         del self.installations[installation.id]
         return self.add_installation(installation.app, installation.account, installation.repos,
-                                     installation.permissions)  # fmt: skip
+                                     installation.permissions, account_type=installation.account_type)  # fmt: skip
 
     def fail_next_mints(self, count: int, status: int = 500) -> None:
         self._failures.extend([status] * count)
@@ -143,17 +184,24 @@ class FakeAppApi:
             headers = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(self.now() + reset_in))}
         self._rate_limits.extend([headers] * count)
 
+    def script_next(self, kind: str, *answers: CannedAnswer) -> None:
+        """The next calls of `kind` (lookup, mint, app, rate_limit) get these answers, unauthenticated and as is."""
+        assert kind in _KINDS, kind
+        self._scripts.setdefault(kind, deque()).extend(answers)
+
+    def clear_scripts(self) -> None:
+        self._scripts.clear()
+
     def revoke_all_tokens(self) -> None:
         for token in [t for t, grant in self.grants.items() if grant.installation_id is not None]:
             del self.grants[token]
 
     def statuses(self, kind: str) -> list[int]:
-        """`lookup` or `mint`: the status of every such call so far, in order."""
-        suffix = {"lookup": "/installation", "mint": "/access_tokens"}[kind]
-        return [call.status for call in self.calls if call.path.endswith(suffix)]
+        """`lookup`, `mint`, `app` or `rate_limit`: the status of every such call so far, in order."""
+        return [call.status for call in self.calls if _kind_of(call.path) == kind]
 
     def count(self, kind: str) -> int:
-        """`lookup` or `mint`: successful calls of that kind so far."""
+        """`lookup`, `mint`, `app` or `rate_limit`: successful calls of that kind so far."""
         return sum(1 for status in self.statuses(kind) if status in (200, 201))
 
     # ------------------------------------------------------------ serving
@@ -165,14 +213,24 @@ class FakeAppApi:
     async def respond(self, request: web.Request) -> web.Response:
         match = _API_PATH.match(request.path)
         assert match
-        response = await self._dispatch(request, match["path"])
-        response.headers["Date"] = format_datetime(datetime.fromtimestamp(self.now(), UTC), usegmt=True)
-        self.calls.append(ApiCall(request.method, match["path"], response.status))
+        path = match["path"]
+        script = self._scripts.get(_kind_of(path) or "")
+        if script:
+            canned = script.popleft()
+            response = web.Response(status=canned.status, body=canned.body, headers=dict(canned.headers))
+        else:
+            response = await self._dispatch(request, path)
+        if "Date" not in response.headers:
+            response.headers["Date"] = format_datetime(datetime.fromtimestamp(self.now(), UTC), usegmt=True)
+        response.headers.update(self.extra_headers)
+        self.calls.append(ApiCall(request.method, path, response.status))
         return response
 
     async def _dispatch(self, request: web.Request, path: str) -> web.Response:
         if path == "/installation/token" and request.method == "DELETE":
             return self._revoke(request)
+        if path == "/rate_limit" and request.method == "GET":
+            return self._rate_limit(request)
         app = self._authenticate(request)
         if isinstance(app, web.Response):
             return app
@@ -226,8 +284,12 @@ class FakeAppApi:
             return _message(self._lookup_failures.popleft(), "Server Error")
         account = parts[1].lower()
         full_name = f"{account}/{parts[2].lower()}" if parts[0] == "repos" else None
+        # As on GitHub: /orgs/… answers for organisations only, /users/… for user accounts only.
+        account_type = {"orgs": "Organization", "users": "User"}.get(parts[0])
         for installation in self.installations.values():
             mine = installation.app is app and installation.account == account
+            if account_type is not None and installation.account_type != account_type:
+                continue
             if mine and (full_name is None or installation.covers(full_name)):
                 return web.json_response(self._installation_json(request, installation))
         return _message(404, "Not Found")
@@ -237,7 +299,7 @@ class FakeAppApi:
         return {
             "id": installation.id,
             "app_id": installation.app.app_id,
-            "account": {"login": installation.account},
+            "account": {"login": installation.account, "type": installation.account_type},
             "access_tokens_url": f"{base}/app/installations/{installation.id}/access_tokens",
             "permissions": installation.permissions,
             "repository_selection": "all" if installation.repos is None else "selected",
@@ -285,6 +347,8 @@ class FakeAppApi:
         }
         if repos is not None:
             answer["repositories"] = [{"name": r.split("/")[1], "full_name": r} for r in sorted(repos)]
+        if self.mangle_mints is not None:
+            return web.Response(text=json.dumps(self.mangle_mints(answer)), status=201, content_type="application/json")
         return web.json_response(answer, status=201)
 
     def _new_token(self, app: FakeApp) -> str:
@@ -296,11 +360,24 @@ class FakeAppApi:
 
         return f"ghs_{app.app_id}_{segment(27)}.{segment(260)}.{segment(96)}"
 
+    def _rate_limit(self, request: web.Request) -> web.Response:
+        """GitHub's GET /rate_limit: free of quota, and a 401 for a token that is revoked, expired or unknown."""
+        _, _, token = request.headers.get("Authorization", "").partition(" ")
+        grant = self.grants.get(token)
+        if grant is None or (grant.expires_at is not None and self.now() >= grant.expires_at):
+            return _message(401, "Bad credentials")
+        window = {"limit": 5000, "used": 1, "remaining": 4999, "reset": int(self.now()) + 3600}
+        return web.json_response({"resources": {"core": window, "search": {**window, "limit": 30}}, "rate": window})
+
     def _revoke(self, request: web.Request) -> web.Response:
         _, _, token = request.headers.get("Authorization", "").partition(" ")
         if self.grants.pop(token, None) is None:
             return _message(401, "Bad credentials")
         return web.Response(status=204)
+
+
+def _kind_of(path: str) -> str | None:
+    return next((kind for kind, suffix in _KINDS.items() if path.endswith(suffix)), None)
 
 
 def _message(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -63,6 +63,11 @@ class FakeGitHub:
     public_repos: set[str] = field(default_factory=set)
     clock_offset: float = 0.0  # seconds this GitHub's clock is ahead of the machine's (Date headers, JWT checks)
     git_bytes_per_second: float | None = None  # throttle git responses, to keep a transfer going for a while
+    # github.com's real answer to a revoked, expired or unknown token on a private repo: 404 "Repository not
+    # found", so that the repo's existence is not revealed. Off: a 401 with a Basic challenge, as GHES answers.
+    dead_tokens_get_404: bool = False
+    reject_all_tokens: bool = False  # a broken upstream: 401 to every request that carries a token
+    tokens_rejected_on: set[str] = field(default_factory=set)  # lowercase owner/repo that 401 any token
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -173,12 +178,15 @@ class FakeGitHub:
 
     def _authorize(self, full_name: str, token: str | None, push: bool) -> web.Response | None:
         """GitHub's rules: bad or missing credentials on a private repo are a 401 that asks for Basic auth."""
-        grant = self.grants.get(token) if token is not None else None
+        rejecting = self.reject_all_tokens or full_name in self.tokens_rejected_on
+        grant = self.grants.get(token) if token is not None and not rejecting else None
         if grant is not None and grant.expires_at is not None and self.now() >= grant.expires_at:
             grant = None  # expired installation tokens are refused like unknown ones
         if grant is None:
             if token is None and full_name in self.public_repos and not push:
                 return None
+            if token is not None and self.dead_tokens_get_404 and not rejecting:
+                return _text(404, "Repository not found.")
             return web.Response(
                 status=401, text="Invalid username or token.\n", headers={"WWW-Authenticate": 'Basic realm="GitHub"'}
             )

@@ -44,7 +44,7 @@ async def test_one_token_per_installation_shared_by_its_repos(
     await clone(git, proxy, "acme/private", "two")
     assert counts(fake_github) == (1, 1)  # warm: no API call at all
     await clone(git, proxy, "acme/other", "three")
-    assert counts(fake_github) == (2, 1)  # same installation: a look-up for the new repo, no new mint
+    assert counts(fake_github) == (1, 1)  # same owner, same installation: no look-up, no mint
     assert minted_tokens_used(fake_github) == {fake_github.apps.minted_tokens[0]}
     assert all(seen.authorized for seen in fake_github.git_requests)
 
@@ -58,7 +58,7 @@ async def test_parallel_cold_clones_cause_exactly_one_mint(
     await asyncio.gather(*(clone(git, proxy, repos[i % 4], f"clone-{i}") for i in range(16)))
     lookups, mints = counts(fake_github)
     assert mints == 1
-    assert lookups == 4  # one per repo, also single-flight
+    assert lookups == 1  # one per owner, also single-flight
 
 
 async def test_expired_token_is_replaced(
@@ -244,7 +244,7 @@ async def test_not_installed_is_a_readable_403(
     assert "403" in failed
     await git("clone", f"{proxy}/github.com/elsewhere/repo", "again", check=False)
     assert counts(fake_github)[0] == 0  # the 404 was remembered (5 min): no second look-up call succeeded
-    assert len(fake_github.apps.statuses("lookup")) == 1
+    assert fake_github.apps.statuses("lookup") == [404, 404]  # /orgs/elsewhere, then /users/elsewhere, once
 
 
 async def test_wrong_key_is_a_readable_502(
@@ -300,3 +300,27 @@ async def test_a_failed_installation_look_up_is_not_cached(
     assert "HTTP 503 after 3 tries" in await refused_clone(git, proxy, "acme/private", "failed")
     await clone(git, proxy, "acme/private", "recovered")  # looked up again: the failure left nothing behind
     assert counts(fake_github) == (1, 1)
+
+
+async def test_repo_installation_tells_a_repo_outside_the_selection_apart(
+    fake_github: FakeGitHub, acme_app: AcmeApp
+) -> None:
+    """For `check --repo`: the owner has an installation, but it may not have selected this repo."""
+    from proxy.app import build_api_session, build_credential_sources, build_token_cache, load_app_keys
+    from proxy.config import parse_config
+    from proxy.credentials.github_app import GitHubAppSource
+    from proxy.metrics import Metrics
+    from proxy.routing import RepoRef
+
+    selected = fake_github.apps.add_installation(acme_app.app, "octo", repos=["octo/tool"])
+    config = parse_config(app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*"))
+    async with build_api_session(config) as session:
+        sources = build_credential_sources(config, session, load_app_keys(config), build_token_cache(config), Metrics())
+        source = sources["acme-app"]
+        assert isinstance(source, GitHubAppSource)
+        assert await source.repo_installation(RepoRef("github.com", "octo", "tool")) == selected.id
+        assert await source.repo_installation(RepoRef("github.com", "octo", "other")) is None
+        assert await source.installation_for(RepoRef("github.com", "octo", "other")) == selected.id  # per owner
+    assert [call.path for call in fake_github.apps.calls] == [
+        "/repos/octo/tool/installation", "/repos/octo/other/installation", "/orgs/octo/installation",
+    ]  # fmt: skip
