@@ -92,3 +92,52 @@ async def test_readyz_follows_the_github_check(
             assert not_ready.status == 503 and "acme-app" in await not_ready.text()
         async with session.get(f"{bad}/healthz") as alive:
             assert alive.status == 200  # liveness never depends on GitHub
+
+
+async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
+    fake_github: FakeGitHub, acme_app: AcmeApp
+) -> None:
+    """Answers that once killed the prober (a 429 with `Retry-After: inf`, a body of the wrong shape) must never
+    keep /readyz at 503 once GitHub answers well again: the next round succeeds, and a reload forgets a limit."""
+    import asyncio
+
+    from aiohttp import web
+
+    from proxy.app import PROXY, create_app
+    from proxy.config import parse_config
+    from proxy.testing import CannedAnswer
+
+    fake_github.apps.script_next(
+        "app",
+        CannedAnswer.json(200, {"id": True, "slug": ["x"]}),
+        CannedAnswer.json(200, [1, 2, 3]),
+        CannedAnswer(200, b"\xff\xfe not json", {"Content-Type": "application/json"}),
+    )
+    readiness = {"checkGitHub": True, "interval": "200ms", "maxAge": "1s"}
+    config = {**app_config(fake_github.url, acme_app), "readiness": readiness}
+    app = await create_app(parse_config(config))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/readyz"
+
+    async def ready_within(seconds: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + seconds
+        async with aiohttp.ClientSession() as session:
+            while asyncio.get_running_loop().time() < deadline:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return True
+                await asyncio.sleep(0.05)
+        return False
+
+    try:
+        assert await ready_within(5)
+        assert fake_github.apps.statuses("app")[:3] == [200, 200, 200]  # three bad answers, seen and survived
+        fake_github.apps.script_next("app", CannedAnswer.error(429, "rate limited", {"Retry-After": "inf"}))
+        await asyncio.sleep(1.5)  # the 429 arrives, and the last success ages past maxAge
+        assert not await ready_within(0.3)  # GitHub said to wait: not ready, but the prober lives on
+        await app[PROXY].reload(parse_config(config))  # the operator's "try again"
+        assert await ready_within(2)  # within two probe intervals and some slack
+    finally:
+        await runner.cleanup()
