@@ -24,6 +24,8 @@ from .credentials.cache import TokenCache
 from .credentials.github_api import GitHubAppApi
 from .credentials.github_app import GitHubAppSource
 from .credentials.keys import AppKey, load_app_key
+from .credentials.redis_store import RedisStore
+from .credentials.shared import Sealer, SharedTokens, StoreFactory, local_stores, tiered_stores
 from .credentials.static import StaticTokenSource
 from .errors import ProxyError
 from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_request
@@ -79,13 +81,39 @@ def api_url_for(entry: GitHubAppEntry, config: Config) -> str:
     return f"{upstream.url}/api/v3"
 
 
-def build_token_cache(config: Config) -> TokenCache:
+@dataclass(frozen=True)
+class SharedTier:
+    """The fleet's shared cache (cache.redis): the store, the tokens in it, and the installation-id stores."""
+
+    store: RedisStore
+    tokens: SharedTokens
+    stores: StoreFactory
+
+
+# A lease outlives the longest mint (every API call is bounded by httpClientTimeout) by this much; a holder that
+# died lets go after that.
+LEASE_MARGIN = 5.0
+
+
+def build_shared_tier(config: Config, metrics: Metrics) -> SharedTier | None:
+    settings = config.cache.redis
+    if settings is None:
+        return None
+    store = RedisStore(settings.url, settings.key_prefix, settings.connect_timeout, metrics, config.tls.ca_file)
+    sealer = Sealer(settings.fernet_keys())
+    lease_ttl = config.github.app_installation.http_client_timeout + LEASE_MARGIN
+    return SharedTier(store, SharedTokens(store, sealer, lease_ttl), tiered_stores(store, sealer))
+
+
+def build_token_cache(config: Config, metrics: Metrics | None = None, shared: SharedTier | None = None) -> TokenCache:
     settings = config.github.app_installation
     # One cache for all app entries: its keys carry the API URL, issuer and scope, so entries never share a token.
     return TokenCache(
         max_entries=settings.system_auth_cache_max_weight,
         max_age=settings.system_auth_cache_duration,
         refresh_before=settings.refresh_before,
+        metrics=metrics,
+        shared=shared.tokens if shared else None,
     )
 
 
@@ -96,6 +124,7 @@ def build_credential_sources(
     tokens: TokenCache,
     metrics: Metrics,
     previous: Mapping[str, CredentialSource] | None = None,
+    stores: StoreFactory = local_stores,
 ) -> dict[str, CredentialSource]:
     """One source per entry. On a reload, a source built from exactly the same things (entry, API URL, settings,
     key: a rotated key file means a new source, even under the same path) is kept, caches and all."""
@@ -110,7 +139,7 @@ def build_credential_sources(
                 entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
                 session=api_session, timeout=settings.http_client_timeout,
             )  # fmt: skip
-            source = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight, metrics)
+            source = GitHubAppSource(entry, api, tokens, settings.system_auth_cache_max_weight, metrics, stores)
         old = (previous or {}).get(entry.id)
         sources[entry.id] = old if old is not None and old.identity == source.identity else source
     return sources
@@ -123,10 +152,12 @@ def build_context(
     tokens: TokenCache,
     metrics: Metrics,
     previous: Mapping[str, CredentialSource] | None = None,
+    stores: StoreFactory = local_stores,
 ) -> ForwardContext:
     """Everything that can fail (patterns, keys, apiUrl) fails here, before anything is swapped in."""
     router = build_router(config)
-    sources = build_credential_sources(config, api_session, load_app_keys(config), tokens, metrics, previous)
+    keys = load_app_keys(config)
+    sources = build_credential_sources(config, api_session, keys, tokens, metrics, previous, stores)
     return ForwardContext(
         router, AccessControl(config.access.clients), sources, session, metrics,
         allowed_hosts=frozenset(host.strip().lower() for host in config.server.allowed_hosts),
@@ -164,6 +195,10 @@ def build_upstream_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+def _stores_of(shared: SharedTier | None) -> StoreFactory:
+    return shared.stores if shared is not None else local_stores
+
+
 @web.middleware
 async def refuse_connect(request: web.Request, handler: Handler) -> web.StreamResponse:
     """CONNECT carries an authority, not a path, so no route sees it: refuse it here, plainly."""
@@ -183,6 +218,7 @@ class Proxy:
     api_session: aiohttp.ClientSession
     tokens: TokenCache
     metrics: Metrics
+    shared: SharedTier | None = None  # cache.redis: fixed at start-up, like the token cache itself
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     draining: bool = False
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
@@ -199,8 +235,9 @@ class Proxy:
         previous = self.live.current.sources
         # Keys are files, and a file can be a FIFO or huge: they are read and parsed off the event loop, so that
         # /healthz and every transfer carry on while a reload builds.
+        stores = _stores_of(self.shared)
         context = await asyncio.to_thread(
-            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous
+            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous, stores
         )
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
@@ -220,7 +257,7 @@ class Proxy:
             s = c.github.app_installation
             return s.system_auth_cache_duration, s.refresh_before, s.system_auth_cache_max_weight
 
-        changed = [key for key in ("server", "tls") if getattr(config, key) != getattr(self.config, key)]
+        changed = [key for key in ("server", "tls", "cache") if getattr(config, key) != getattr(self.config, key)]
         if cache_settings(config) != cache_settings(self.config):
             changed.append("the token cache settings (systemAuthCacheDuration, refreshBefore, MaxWeight)")
         if changed:
@@ -229,6 +266,8 @@ class Proxy:
     async def close(self) -> None:
         await self.session.close()
         await self.api_session.close()
+        if self.shared is not None:
+            await self.shared.store.close()
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -300,17 +339,20 @@ def create_ops_app(proxy: Proxy) -> web.Application:
 async def create_app(config: Config) -> web.Application:
     """Build the proxy. Must run inside the event loop that will serve it (the sessions bind to it)."""
     metrics = Metrics()
-    tokens = build_token_cache(config)
+    shared = build_shared_tier(config, metrics)
+    tokens = build_token_cache(config, metrics, shared)
     metrics.watch_token_expiry(tokens.seconds_until_soonest_expiry)
     session, api_session = build_upstream_session(config), build_api_session(config)
     try:
-        context = build_context(config, session, api_session, tokens, metrics)
+        context = build_context(config, session, api_session, tokens, metrics, stores=_stores_of(shared))
     except ConfigError:
         await session.close()
         await api_session.close()
+        if shared is not None:
+            await shared.store.close()
         raise
     transfers = TransferWatch(config.server.write_timeout, metrics)
-    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics)
+    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics, shared)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import json
@@ -10,6 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -359,6 +362,74 @@ class AccessConfig(_Model):
         return self
 
 
+class RedisConfig(_Model):
+    """A Redis (or Valkey, ElastiCache, Memorystore) shared by every replica: one token per installation for the
+    whole fleet. An accelerator only: while it is away, each replica serves from its own cache."""
+
+    url: str  # redis://[user:password@]host:port/db, rediss:// for TLS (tls.caFile applies), unix:///path.sock
+    key_prefix: str = "git-token-proxy"  # several fleets can share one Redis
+    # A Fernet key (32 url-safe base64 bytes), or a list of them: the first encrypts, all decrypt (rotation).
+    encryption_key: SecretStr | list[SecretStr] | None = None
+    encryption_key_file: Path | None = None  # the same, one key per line
+    connect_timeout: PositiveDuration = 1.0  # also the budget of one Redis call
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_redis(cls, url: str) -> str:
+        if not re.match(r"^(rediss?|unix)://\S+$", url):
+            shown = re.sub(r"//[^/@]*@", "//<credentials removed>@", url)
+            raise ValueError(f"url {shown!r} must start with redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_is_plain(cls, prefix: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", prefix):
+            raise ValueError("keyPrefix must be 1-64 characters of letters, digits and . _ : -")
+        return prefix
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> RedisConfig:
+        if (self.encryption_key is None) == (self.encryption_key_file is None):
+            raise ValueError("give exactly one of encryptionKey and encryptionKeyFile: values in Redis are encrypted")
+        self.fernet_keys()  # refuse a key that is not a Fernet key now, naming the key
+        return self
+
+    def fernet_keys(self) -> list[str]:
+        """Every key, the encrypting one first; each checked to be a Fernet key (never echoed)."""
+        if self.encryption_key_file is not None:
+            try:
+                text = read_regular_file(self.encryption_key_file, SECRET_FILE_MAX_BYTES).decode()
+            except (OSError, ValueError) as error:
+                raise ValueError(f"cannot read {self.encryption_key_file}: {_read_problem(error)}") from None
+            keys = [line.strip() for line in text.splitlines() if line.strip()]
+        elif isinstance(self.encryption_key, list):
+            keys = [key.get_secret_value().strip() for key in self.encryption_key]
+        else:
+            assert self.encryption_key is not None
+            keys = [self.encryption_key.get_secret_value().strip()]
+        if not keys:
+            raise ValueError("no encryption key given (is the environment variable set?)")
+        for index, key in enumerate(keys):
+            if not _is_fernet_key(key):
+                raise ValueError(
+                    f"encryption key {index + 1} is not a Fernet key (32 url-safe base64 bytes); make one with "
+                    "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+                )
+        return keys
+
+
+def _is_fernet_key(key: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(key.encode())) == 32 and len(key) == 44
+    except (ValueError, binascii.Error):
+        return False
+
+
+class CacheConfig(_Model):
+    redis: RedisConfig | None = None  # absent: every replica caches on its own, and no Redis is needed
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     access: AccessConfig = AccessConfig()
@@ -366,6 +437,7 @@ class Config(_Model):
     upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig(host="github.com")])
     tls: TlsConfig = TlsConfig()
     github: GitHubConfig = GitHubConfig()
+    cache: CacheConfig = CacheConfig()
 
     @property
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:
@@ -375,7 +447,10 @@ class Config(_Model):
     def secrets(self) -> list[str]:
         """Every secret written in the config itself, for the log redactor (keys are redacted by shape)."""
         tokens = [e.token.get_secret_value() for e in self.auth if isinstance(e, OAuthTokenEntry)]
-        return tokens + [c.token.get_secret_value() for c in self.access.clients if c.token is not None]
+        clients = [c.token.get_secret_value() for c in self.access.clients if c.token is not None]
+        redis = self.cache.redis
+        shared = [*redis.fernet_keys(), *_url_password(redis.url)] if redis else []
+        return tokens + clients + shared
 
     @model_validator(mode="after")
     def _bind_is_safe(self) -> Config:
@@ -389,6 +464,11 @@ class Config(_Model):
         if duplicates:
             raise ValueError(f"upstream host listed twice: {', '.join(sorted(duplicates))}")
         return self
+
+
+def _url_password(url: str) -> list[str]:
+    password = urlsplit(url).password
+    return [unquote(password)] if password else []
 
 
 # ---------------------------------------------------------------- loading

@@ -75,6 +75,28 @@ class Metrics:
         self.unexpected_errors = Counter(
             "git_token_proxy_unexpected_errors", "Requests that ended in an unexpected exception (a bug)", registry=r
         )
+        # The fleet's shared cache (cache.redis): hits and misses are counted on a local miss or a due refresh only,
+        # since a warm request never asks Redis.
+        self.shared_cache_hits = Counter(
+            "git_token_proxy_shared_cache_hits", "Tokens found in the shared cache (Redis)", registry=r
+        )
+        self.shared_cache_misses = Counter(
+            "git_token_proxy_shared_cache_misses", "Shared cache look-ups that found no usable token", registry=r
+        )
+        self.shared_cache_errors = Counter(
+            "git_token_proxy_shared_cache_errors", "Redis calls that failed or timed out", registry=r
+        )
+        self.lease_waits = Counter(
+            "git_token_proxy_lease_waits", "Times a replica waited for another one's mint", registry=r
+        )
+        self.lease_wait_seconds = Histogram(
+            "git_token_proxy_lease_wait_seconds", "Time spent waiting for another replica's mint",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.redis_available = Gauge(
+            "git_token_proxy_redis_available", "1 while the shared cache (Redis) answers, 0 while it is away",
+            registry=r,
+        )  # fmt: skip
         self.soonest_expiry = Gauge(
             "git_token_proxy_token_soonest_expiry_seconds", "Seconds until the soonest cached token expires",
             registry=r,

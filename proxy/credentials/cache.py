@@ -9,12 +9,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
 
 from aiocache import SimpleMemoryCache
 from aiocache.serializers import NullSerializer
 
+from ..metrics import Metrics
 from . import Credential
+
+if TYPE_CHECKING:  # shared.py builds on this module: the import only serves the type
+    from .shared import SharedTokens
 
 log = logging.getLogger("git_token_proxy.cache")
 
@@ -92,6 +96,10 @@ class BoundedStore:
         self._keys.pop(key, None)
         await self._cache.delete(key)
 
+    def clear(self) -> None:
+        self._cache = SimpleMemoryCache(serializer=NullSerializer(), namespace=self._cache.namespace, timeout=None)
+        self._keys.clear()
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -108,11 +116,20 @@ class CachedToken:
     permissions: dict[str, str] = field(default_factory=dict)
 
 
+def _usable(token: CachedToken | None) -> TypeGuard[CachedToken]:
+    return token is not None and time.monotonic() < token.refresh_at
+
+
 class TokenCache:
     """Keyed by whatever identifies one token (api, issuer, installation, scope), never by repo URL."""
 
-    def __init__(self, *, max_entries: int, max_age: float, refresh_before: float) -> None:
+    def __init__(
+        self, *, max_entries: int, max_age: float, refresh_before: float, metrics: Metrics | None = None,
+        shared: SharedTokens | None = None,
+    ) -> None:  # fmt: skip
         self._store = BoundedStore(max_entries, "tokens")
+        self._metrics = metrics or Metrics()
+        self._shared = shared  # the fleet's tier (cache.redis), or None: this process alone
         self._flights: SingleFlight[CachedToken] = SingleFlight()
         # Side tables, bounded like the store: a key that fell out of the store must not stay here for ever.
         self._next_attempt: BoundedDict[str, float] = BoundedDict(max_entries)  # after a failed refresh only
@@ -145,7 +162,7 @@ class TokenCache:
 
     async def _refresh(self, key: str, mint: Callable[[], Awaitable[CachedToken]], background: bool) -> CachedToken:
         try:
-            token = await mint()
+            token = await (self._fleet_refresh(key, mint) if self._shared is not None else mint())
         except Exception as error:
             # Never cached: the next request that needs a token tries again. Only a background refresh, whose
             # old token still serves, waits a little before the next attempt.
@@ -158,9 +175,49 @@ class TokenCache:
         self._expiries[key] = token.expires
         return token
 
+    async def _fleet_refresh(self, key: str, mint: Callable[[], Awaitable[CachedToken]]) -> CachedToken:
+        """Single flight across the fleet. The in-process flight in front means one Redis round-trip per key at a
+        time from this replica. The replica that takes the lease mints and publishes; the others wait for its
+        value (bounded by the lease's life: a holder that died lets go by itself). A failed mint releases the
+        lease and publishes nothing. With Redis away, this is a plain local mint."""
+        shared = self._shared
+        assert shared is not None
+        found = await shared.fetch(key)
+        if _usable(found):
+            self._metrics.shared_cache_hits.inc()
+            return found
+        self._metrics.shared_cache_misses.inc()
+        started, delay, waiting = time.monotonic(), 0.02, False
+        while True:
+            owner = await shared.lease(key)
+            if owner is not None:
+                try:
+                    found = await shared.fetch(key)  # the previous holder may have published just now
+                    if _usable(found):
+                        return found
+                    token = await mint()
+                    await shared.publish(key, token)
+                    return token
+                finally:
+                    await shared.release(key, owner)
+            if not shared.store.available or time.monotonic() - started > shared.lease_ttl + 1:
+                return await mint()  # Redis is away, or the holder overran its own lease: as without a fleet
+            if not waiting:
+                waiting = True
+                self._metrics.lease_waits.inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            found = await shared.fetch(key)
+            if _usable(found):
+                self._metrics.lease_wait_seconds.observe(time.monotonic() - started)
+                self._metrics.shared_cache_hits.inc()
+                return found
+
     async def evict(self, key: str, credential: Credential) -> bool:
-        """Drop the token if it is still the one that failed (a newer one may already have replaced it).
-        True if this call evicted it."""
+        """Drop the token if it is still the one that failed (a newer one may already have replaced it), here
+        and in the fleet's store. True if this call evicted it."""
+        if self._shared is not None:
+            await self._shared.evict(key, credential)
         cached: CachedToken | None = await self._store.get(key)
         if cached is None or cached.reused.token != credential.token:
             return False

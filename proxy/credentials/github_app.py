@@ -29,8 +29,9 @@ from ..metrics import Metrics
 from ..routing import RepoRef
 from . import Credential
 from .backoff import CallBudget, HealBackoff, Pauses
-from .cache import BoundedDict, BoundedStore, CachedToken, SingleFlight, TokenCache
+from .cache import BoundedDict, CachedToken, SingleFlight, TokenCache
 from .github_api import GitHubAppApi
+from .shared import StoreFactory, local_stores
 
 log = logging.getLogger("git_token_proxy.github_app")
 
@@ -55,8 +56,9 @@ class GitHubAppSource:
     """The credential source of one GITHUB_APP_INSTALLATION entry."""
 
     def __init__(
-        self, entry: GitHubAppEntry, api: GitHubAppApi, tokens: TokenCache, max_entries: int, metrics: Metrics
-    ) -> None:
+        self, entry: GitHubAppEntry, api: GitHubAppApi, tokens: TokenCache, max_entries: int, metrics: Metrics,
+        stores: StoreFactory = local_stores,
+    ) -> None:  # fmt: skip
         self.entry_id = entry.id
         self.entry = entry
         self.identity: object = (entry, api.api_url, api.timeout, max_entries, api.key_fingerprint)
@@ -65,8 +67,10 @@ class GitHubAppSource:
         self._tokens = tokens
         self._max_entries = max_entries
         # Owners are client-driven: every table keyed by them (or by tokens, or by repos) is bounded.
-        self._installations = BoundedStore(max_entries, f"installations:{entry.id}")
-        self._not_installed = BoundedStore(max_entries, f"not-installed:{entry.id}")
+        # `stores` may tier them with the fleet's shared cache; the namespace names the app, not just the entry.
+        app = f"{api.api_url}|{api.issuer}"
+        self._installations = stores(max_entries, f"installations:{app}")
+        self._not_installed = stores(max_entries, f"not-installed:{app}")  # True while "not installed" holds
         self._lookups: SingleFlight[int | _NotInstalled] = SingleFlight()
         self._lookup_budget = CallBudget(max_entries, LOOKUPS_PER_OWNER_PER_MINUTE)
         self._mint_pauses = Pauses(max_entries, MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE)
@@ -130,7 +134,7 @@ class GitHubAppSource:
         """A reload: whatever went wrong is asked about again at once. Rate-limit windows, "not installed"
         answers, look-up budgets, paused mints, suspended heals and liveness results are forgotten."""
         self._api.forget_failures()
-        self._not_installed = BoundedStore(self._max_entries, f"not-installed:{self.entry_id}")
+        self._not_installed.clear()
         for table in (self._lookup_budget, self._mint_pauses, self._heals, self._checked):
             table.clear()
 
@@ -169,8 +173,8 @@ class GitHubAppSource:
             return self.entry.installation_id
         owner = self._owner_key(repo)
         known: int | _NotInstalled | None = await self._installations.get(owner)
-        if known is None:
-            known = await self._not_installed.get(owner)
+        if known is None and await self._not_installed.get(owner):
+            known = NOT_INSTALLED
         if known is None:
             known = await self._lookups.run(owner, lambda: self._look_up(owner))
         if known is NOT_INSTALLED:
@@ -190,7 +194,7 @@ class GitHubAppSource:
         # Only answers are cached; a 5xx or a timeout raised above and left nothing behind.
         if found is None:
             self._metrics.mint_failed(self.entry_id, AppNotInstalled(owner))
-            await self._not_installed.set(owner, NOT_INSTALLED, NOT_INSTALLED_TTL)
+            await self._not_installed.set(owner, True, NOT_INSTALLED_TTL)
             return NOT_INSTALLED
         await self._installations.set(owner, found, INSTALLATION_TTL)
         return found

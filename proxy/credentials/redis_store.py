@@ -1,0 +1,153 @@
+"""Redis as the fleet's shared store: bounded calls, a circuit breaker, a lease, and compare-and-delete scripts.
+
+redis-py's asyncio client is used directly rather than through aiocache's RedisCache: the lease (`SET NX PX` with
+an owner value) and the compare-and-delete scripts need commands that aiocache does not expose, and every call
+here needs its own time budget and failure handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from ..metrics import Metrics
+
+log = logging.getLogger("git_token_proxy.redis")
+T = TypeVar("T")
+
+# After a failed call, Redis is skipped for this long: clones must not pay `connectTimeout` again and again while
+# it is away. Then the next call is the probe.
+BREAK_FOR = 5.0
+
+# KEYS[1]; ARGV[1]: the owner value. Deletes the lease only if this replica still holds it.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# KEYS[1]; ARGV[1]: a tag. Deletes the value only if it still starts with that tag and a dot.
+_DELETE_IF_TAGGED = (
+    "local v = redis.call('GET', KEYS[1]) "
+    "if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '.' then return redis.call('DEL', KEYS[1]) end "
+    "return 0"
+)
+
+
+class RedisStore:
+    """Implements `shared.SharedStore`. Every call is bounded by `timeout`; any failure opens the breaker and
+    answers like an empty store."""
+
+    def __init__(
+        self, url: str, key_prefix: str, timeout: float, metrics: Metrics, ca_file: Path | None = None
+    ) -> None:
+        options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        if url.startswith("rediss://"):
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+            if ca_file is not None:
+                options["ssl_ca_certs"] = str(ca_file)
+        self._client = redis.Redis.from_url(url, **options)
+        self._prefix = f"{key_prefix}:"
+        self._timeout = timeout
+        self._metrics = metrics
+        self._broken_until = 0.0
+        self._available = True
+        self._where = url.rpartition("@")[2]  # host:port/db only: never a password in a log line
+        metrics.redis_available.set(1)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._broken_until
+
+    # ------------------------------------------------------------ the SharedStore calls
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call(self._client.get(self._prefix + key), None)
+        return value if isinstance(value, bytes) else None
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        await self._call(self._client.set(self._prefix + key, value, px=max(1, int(ttl * 1000))), None)
+
+    async def delete(self, key: str, tag: bytes | None = None) -> bool:
+        if tag is None:
+            return bool(await self._call(self._client.delete(self._prefix + key), 0))
+        script = cast(Awaitable[int], self._client.eval(_DELETE_IF_TAGGED, 1, self._prefix + key, tag))
+        return bool(await self._call(script, 0))
+
+    async def delete_prefix(self, prefix: str) -> None:
+        async def scan_and_delete() -> None:
+            batch: list[bytes] = []
+            async for key in self._client.scan_iter(match=f"{self._prefix}{prefix}*", count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await self._client.unlink(*batch)
+                    batch = []
+            if batch:
+                await self._client.unlink(*batch)
+
+        await self._call(scan_and_delete(), None, budget=max(self._timeout, 10.0))
+
+    async def lease(self, key: str, ttl: float) -> str | None:
+        owner = secrets.token_hex(16)
+        taken = await self._call(self._client.set(self._prefix + key, owner, nx=True, px=max(1, int(ttl * 1000))), None)
+        return owner if taken else None
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._call(cast(Awaitable[int], self._client.eval(_RELEASE, 1, self._prefix + key, owner)), None)
+
+    async def ping(self) -> None:
+        """For `check`: raises what went wrong instead of failing soft."""
+        async with asyncio.timeout(self._timeout):
+            await self._client.ping()  # type: ignore[misc]
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # ------------------------------------------------------------ bounds and the breaker
+
+    async def _call(self, call: Awaitable[T], failed: T, budget: float | None = None) -> T:
+        if not self.available:
+            _close_unawaited(call)
+            return failed
+        try:
+            async with asyncio.timeout(budget or self._timeout):
+                result = await call
+        except (RedisError, OSError, TimeoutError) as error:
+            self._break(error)
+            return failed
+        self._mend()
+        return result
+
+    def _break(self, error: BaseException) -> None:
+        self._broken_until = time.monotonic() + BREAK_FOR
+        self._metrics.shared_cache_errors.inc()
+        if self._available:  # one line per change of state, not one per request
+            self._available = False
+            self._metrics.redis_available.set(0)
+            log.warning(
+                "Redis at %s is unavailable (%s); each replica serves from its own cache, trying again every %.0f s",
+                self._where, _describe(error), BREAK_FOR,
+            )  # fmt: skip
+
+    def _mend(self) -> None:
+        if not self._available:
+            self._available = True
+            self._metrics.redis_available.set(1)
+            log.info("Redis at %s is available again; the fleet shares its tokens again", self._where)
+
+
+def _close_unawaited(call: Awaitable[Any]) -> None:
+    close = getattr(call, "close", None)  # a coroutine never awaited would warn when collected
+    if close is not None:
+        close()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__

@@ -1,0 +1,234 @@
+"""Shared tier: what every replica of a fleet can read (tokens, installation ids), sealed, behind one small protocol.
+
+The policy (when to refresh, single flight, never caching a failure) stays in `cache.py`; this module only says
+where shared values live and how they are sealed. `github_app` never learns that a shared tier exists: it gets
+its key-value stores from a factory, which tiers them here when the config has `cache.redis`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from . import Credential
+from .cache import BoundedStore, CachedToken
+
+log = logging.getLogger("git_token_proxy.shared")
+
+
+class SharedStore(Protocol):
+    """Where shared values live (Redis). Every call fails soft: an unreachable store answers like an empty one,
+    so a clone never waits on it for longer than one bounded call, and never fails because of it."""
+
+    @property
+    def available(self) -> bool:
+        """False while the store is known to be away (its circuit breaker is open)."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def delete(self, key: str, tag: bytes | None = None) -> bool:
+        """Delete the value; with `tag`, only if the stored value still starts with it (compare-and-delete)."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> None: ...
+
+    async def lease(self, key: str, ttl: float) -> str | None:
+        """Take the lease on `key` for `ttl` seconds: its owner value, or None if another holds it (or the store
+        is away: then `available` is False)."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give the lease back, only if `owner` still holds it."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _hashed(key: str) -> str:
+    """Keys in the store name nothing of the org, the app or the scope: a digest of the cache key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def token_tag(token: str) -> bytes:
+    """A digest of a token, stored in clear before its sealed value so that Redis can compare-and-delete it. It
+    cannot be used as a token, nor turned back into one."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32].encode()
+
+
+class Sealer:
+    """Fernet: AES-128-CBC with an HMAC, so a value read back is either exactly what a replica with the same key
+    wrote, or refused. MultiFernet: the first key seals, every key opens (rotation)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+        self._undecryptable_logged = False
+
+    def seal(self, plain: dict[str, Any]) -> bytes:
+        return self._fernet.encrypt(json.dumps(plain, separators=(",", ":")).encode())
+
+    def open(self, sealed: bytes) -> dict[str, Any] | None:
+        """The value, or None for anything that does not decrypt or parse (another fleet's key, a value from an
+        older version): a miss, logged once per process, never an error and never garbage used as a token."""
+        try:
+            value = json.loads(self._fernet.decrypt(sealed))
+        except (InvalidToken, ValueError, TypeError):
+            value = None
+        if not isinstance(value, dict):
+            if not self._undecryptable_logged:
+                self._undecryptable_logged = True
+                log.warning(
+                    "a value in the shared cache does not decrypt with this replica's encryptionKey (another key, "
+                    "or written by another fleet?); it counts as a miss and is replaced"
+                )
+            return None
+        return value
+
+
+class SharedTokens:
+    """Installation tokens in the shared store, sealed, with their deadlines on the wall clock (replicas do not
+    share a monotonic clock), and the lease that lets exactly one replica mint for all."""
+
+    def __init__(self, store: SharedStore, sealer: Sealer, lease_ttl: float) -> None:
+        self.store = store
+        self._sealer = sealer
+        self.lease_ttl = lease_ttl
+
+    async def fetch(self, key: str) -> CachedToken | None:
+        stored = await self.store.get(f"token:{_hashed(key)}")
+        if stored is None:
+            return None
+        _, _, sealed = stored.partition(b".")
+        value = self._sealer.open(sealed)
+        return _token_from(value) if value is not None else None
+
+    async def publish(self, key: str, token: CachedToken) -> None:
+        lifetime = token.expires - time.monotonic()  # nothing outlives its token, in Redis either
+        if lifetime <= 0:
+            return
+        now = time.time()
+        sealed = self._sealer.seal(
+            {
+                "username": token.reused.username,
+                "token": token.reused.token,
+                "expires": now + lifetime,
+                "refresh": now + (token.refresh_at - time.monotonic()),
+                "expires_at": token.expires_at_wall,
+                "permissions": token.permissions,
+            }
+        )
+        await self.store.put(f"token:{_hashed(key)}", token_tag(token.reused.token) + b"." + sealed, lifetime)
+
+    async def evict(self, key: str, credential: Credential) -> None:
+        """Fleet-wide healing: drop the shared token only if it is still the one that failed. Replicas that see
+        the same rejection later find the replacement instead of minting again."""
+        await self.store.delete(f"token:{_hashed(key)}", token_tag(credential.token))
+
+    async def lease(self, key: str) -> str | None:
+        return await self.store.lease(f"lease:{_hashed(key)}", self.lease_ttl)
+
+    async def release(self, key: str, owner: str) -> None:
+        await self.store.release(f"lease:{_hashed(key)}", owner)
+
+
+def _token_from(value: dict[str, Any]) -> CachedToken | None:
+    """Rebuilt on this replica's monotonic clock; None unless every field has its type (a sealed value is
+    authenticated, but may come from an older version)."""
+    fields = ("username", "token", "expires", "refresh", "expires_at", "permissions")
+    if any(name not in value for name in fields):
+        return None
+    username, token, expires, refresh = value["username"], value["token"], value["expires"], value["refresh"]
+    if not (isinstance(username, str) and isinstance(token, str) and token and isinstance(value["expires_at"], str)):
+        return None
+    if not (isinstance(expires, int | float) and isinstance(refresh, int | float)):
+        return None
+    permissions = value["permissions"]
+    if not isinstance(permissions, dict) or not all(isinstance(v, str) for v in permissions.values()):
+        return None
+    now_wall, now = time.time(), time.monotonic()
+    if expires <= now_wall:
+        return None
+    credential = Credential(username, token, "cached")  # a shared hit is a cached token, on every replica
+    return CachedToken(
+        minted=credential,
+        reused=credential,
+        expires_at_wall=value["expires_at"],
+        expires=now + (expires - now_wall),
+        refresh_at=now + (min(refresh, expires) - now_wall),
+        permissions=dict(permissions),
+    )
+
+
+class KeyValueStore(Protocol):
+    """What `github_app` keeps its installation ids in: a bounded in-process store, or that plus the fleet's."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+StoreFactory = Callable[[int, str], KeyValueStore]
+
+
+def local_stores(max_entries: int, namespace: str) -> KeyValueStore:
+    return BoundedStore(max_entries, namespace)
+
+
+class TieredStore:
+    """The in-process store first (a dictionary hit); on a miss, the shared one, whose answer is kept locally
+    for what remains of its TTL. Writes go to both. Values must be JSON: ints and booleans here."""
+
+    def __init__(self, local: BoundedStore, shared: SharedStore, sealer: Sealer, namespace: str) -> None:
+        self._local, self._shared, self._sealer = local, shared, sealer
+        self._prefix = f"kv:{_hashed(namespace)}:"
+        self._clearing: set[asyncio.Task[None]] = set()  # held, so that a clear in flight is not collected
+
+    async def get(self, key: str) -> Any:
+        value = await self._local.get(key)
+        if value is not None:
+            return value
+        stored = await self._shared.get(self._prefix + _hashed(key))
+        opened = self._sealer.open(stored) if stored is not None else None
+        if opened is None or not isinstance(opened.get("expires"), int | float) or "value" not in opened:
+            return None
+        remaining = opened["expires"] - time.time()
+        if remaining <= 0 or not isinstance(opened["value"], int | bool):
+            return None
+        await self._local.set(key, opened["value"], remaining)
+        return opened["value"]
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        await self._local.set(key, value, ttl)
+        sealed = self._sealer.seal({"value": value, "expires": time.time() + ttl})
+        await self._shared.put(self._prefix + _hashed(key), sealed, ttl)
+
+    async def delete(self, key: str) -> None:
+        await self._local.delete(key)
+        await self._shared.delete(self._prefix + _hashed(key))
+
+    def clear(self) -> None:
+        """A reload: forget locally at once, and in the fleet's store in the background (bounded there)."""
+        self._local.clear()
+        task = asyncio.get_running_loop().create_task(self._shared.delete_prefix(self._prefix))
+        self._clearing.add(task)
+        task.add_done_callback(self._clearing.discard)
+
+
+def tiered_stores(shared: SharedStore, sealer: Sealer) -> StoreFactory:
+    def make(max_entries: int, namespace: str) -> KeyValueStore:
+        return TieredStore(BoundedStore(max_entries, namespace), shared, sealer, namespace)
+
+    return make
