@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 
 from .app import build_api_session, build_credential_sources, build_router, build_token_cache, load_app_keys
 from .config import Config, ConfigError
 from .credentials import CredentialSource
 from .credentials.github_app import GitHubAppSource
+from .credentials.redis_store import RedisStore
+from .credentials.shared import Sealer
 from .errors import ProxyError
 from .metrics import Metrics
 from .routing import RepoRef, Router, base_url_host
@@ -18,7 +21,7 @@ async def run_check(config: Config, source_name: str, repo: str | None) -> int:
     router = build_router(config)
     keys = load_app_keys(config)
     _print_entries(config)
-    failures = 0
+    failures = await _check_shared_cache(config)
     async with build_api_session(config) as session:
         sources = build_credential_sources(config, session, keys, build_token_cache(config), Metrics())
         for entry_id, source in sources.items():
@@ -28,6 +31,32 @@ async def run_check(config: Config, source_name: str, repo: str | None) -> int:
             failures += await _check_repo(repo, router, sources)
     print(f"{source_name}: {'OK' if not failures else f'{failures} problem(s)'}, {len(config.auth)} auth entries")
     return 1 if failures else 0
+
+
+async def _check_shared_cache(config: Config) -> int:
+    """cache.redis: connect, round-trip an encrypted probe value, and say what happened (never the password)."""
+    settings = config.cache.redis
+    if settings is None:
+        return 0
+    store = RedisStore(settings.url, settings.key_prefix, settings.connect_timeout, Metrics(), config.tls.ca_file)
+    where = store.where
+    sealer = Sealer(settings.fernet_keys())
+    probe = secrets.token_hex(8)
+    try:
+        await store.ping()
+        await store.put(f"check:{probe}", sealer.seal({"probe": probe}), 30)
+        stored = await store.get(f"check:{probe}")
+        await store.delete(f"check:{probe}")
+        opened = sealer.open(stored) if stored is not None else None
+        if opened != {"probe": probe}:
+            raise OSError("the probe value did not come back (a read-only replica, or eviction?)")
+    except Exception as error:  # whatever redis-py raises: the reason is the output
+        print(f"shared cache: Redis at {where}: FAILED: {type(error).__name__}: {str(error)[:200]}\n")
+        return 1
+    finally:
+        await store.close()
+    print(f"shared cache: Redis at {where}: OK (an encrypted probe value went there and back)\n")
+    return 0
 
 
 def _print_entries(config: Config) -> None:

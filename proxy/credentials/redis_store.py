@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -56,7 +57,7 @@ class RedisStore:
         self._metrics = metrics
         self._broken_until = 0.0
         self._available = True
-        self._where = url.rpartition("@")[2]  # host:port/db only: never a password in a log line
+        self.where = redis_location(url)
         metrics.redis_available.set(1)
 
     @property
@@ -130,14 +131,22 @@ class RedisStore:
             self._metrics.redis_available.set(0)
             log.warning(
                 "Redis at %s is unavailable (%s); each replica serves from its own cache, trying again every %.0f s",
-                self._where, _describe(error), BREAK_FOR,
+                self.where, _describe(error), BREAK_FOR,
             )  # fmt: skip
 
     def _mend(self) -> None:
         if not self._available:
             self._available = True
             self._metrics.redis_available.set(1)
-            log.info("Redis at %s is available again; the fleet shares its tokens again", self._where)
+            log.info("Redis at %s is available again; the fleet shares its tokens again", self.where)
+
+
+def redis_location(url: str) -> str:
+    """host:port/db, or the socket path: what a log line may say of a Redis URL (never its password)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
 def _close_unawaited(call: Awaitable[Any]) -> None:

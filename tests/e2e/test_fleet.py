@@ -35,7 +35,7 @@ def fleet_config(fake: FakeGitHub, acme: AcmeApp, redis: RedisServer, key: str =
 def stored_values(redis: RedisServer) -> dict[str, bytes]:
     """Every key in Redis with its raw value, as a dump or MONITOR would show them."""
     listing = redis.command("KEYS", "*").decode(errors="replace")
-    keys = [line for line in listing.split("\r\n") if line and not line[0] in "*$"]
+    keys = [line for line in listing.split("\r\n") if line and line[0] not in "*$"]
     return {key: redis.command("GET", key) for key in keys}
 
 
@@ -242,3 +242,18 @@ async def test_a_failed_mint_leaves_nothing_in_redis(
     assert failed.returncode != 0
     assert not [key for key in stored_values(redis_server) if ":token:" in key or ":lease:" in key]
     await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "works")  # and nothing was remembered
+
+
+async def test_check_round_trips_a_probe_through_redis_or_says_why_not(
+    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.check import run_check
+
+    config = parse_config(fleet_config(fake_github, acme_app, redis_server))
+    assert await run_check(config, "config.yaml", None) == 0
+    out = capsys.readouterr().out
+    assert f"shared cache: Redis at 127.0.0.1:{redis_server.port}/0: OK" in out
+    assert not [key for key in stored_values(redis_server) if ":check:" in key]  # the probe cleans up
+    redis_server.stop()
+    assert await run_check(config, "config.yaml", None) == 1
+    assert "shared cache: Redis at" in (out := capsys.readouterr().out) and "FAILED: ConnectionError" in out
