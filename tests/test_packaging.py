@@ -48,10 +48,28 @@ def test_kubernetes_sidecar_example() -> None:
     assert env["GIT_CONFIG_VALUE_0"] == "https://github.com/"
 
 
-def test_compose_example() -> None:
+def test_kubernetes_fleet_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.fernet import Fernet
+
+    config_map, redis, service, agents = documents(ROOT / "examples" / "kubernetes" / "fleet.yaml")
+    monkeypatch.setenv("TOKEN_CACHE_KEY", Fernet.generate_key().decode())
+    monkeypatch.setenv("REDIS_PASSWORD", "example-password")
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), "fleet config")
+    assert config.cache.redis is not None and config.cache.redis.url.endswith("@git-token-proxy-redis:6379/0")
+    assert service["spec"]["selector"] == redis["spec"]["template"]["metadata"]["labels"]
+    (sidecar,) = agents["spec"]["template"]["spec"]["initContainers"]
+    assert {env["name"] for env in sidecar["env"]} == {"TOKEN_CACHE_KEY", "REDIS_PASSWORD"}
+
+
+def test_compose_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.fernet import Fernet
+
+    monkeypatch.setenv("TOKEN_CACHE_KEY", Fernet.generate_key().decode())
     (compose,) = documents(ROOT / "examples" / "docker-compose.yaml")
     proxy, agent = compose["services"]["git-token-proxy"], compose["services"]["agent"]
     assert proxy["read_only"] is True
     assert agent["network_mode"] == "service:git-token-proxy"
     assert agent["depends_on"]["git-token-proxy"]["condition"] == "service_healthy"
-    parse_config(yaml.safe_load(compose["configs"]["proxy-config"]["content"]), "compose config")
+    content = compose["configs"]["proxy-config"]["content"].replace("$$", "$")  # compose's own escape
+    config = parse_config(yaml.safe_load(content), "compose config")
+    assert config.cache.redis is not None and "redis" in compose["services"]
