@@ -476,13 +476,15 @@ def _url_password(url: str) -> list[str]:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any, location: str) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string; a missing variable names its key."""
+def _expand_env(value: Any, location: str, used: dict[str, str]) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string; a missing variable names its key. `used` collects
+    each value taken from the environment (value -> variable), so that no error message can echo one."""
     if isinstance(value, str):
 
         def substitute(ref: re.Match[str]) -> str:
             name, default = ref.group(1), ref.group(2)
             if name in os.environ:
+                used[os.environ[name]] = name
                 return os.environ[name]
             if default is not None:
                 return default
@@ -490,10 +492,19 @@ def _expand_env(value: Any, location: str) -> Any:
 
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{location}.{k}" if location else str(k)) for k, v in value.items()}
+        return {k: _expand_env(v, f"{location}.{k}" if location else str(k), used) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{location}[{i}]") for i, v in enumerate(value)]
+        return [_expand_env(v, f"{location}[{i}]", used) for i, v in enumerate(value)]
     return value
+
+
+def _hide_environment(message: str, used: dict[str, str]) -> str:
+    """A validator may quote the value it refused; when that value came from the environment, it may be any
+    secret of the pod (a key put where a duration belongs): the message names the variable instead."""
+    for value in sorted(used, key=len, reverse=True):
+        if len(value) >= 3:
+            message = message.replace(value, f"<value of ${{{used[value]}}}>")
+    return message
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:
@@ -529,12 +540,13 @@ def parse_config(data: Any, source: str = "config") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    used: dict[str, str] = {}
     try:
-        return Config.model_validate(_expand_env(data, ""))
+        return Config.model_validate(_expand_env(data, "", used))
     except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        raise ConfigError(_hide_environment(f"{source}: {error}", used)) from None
     except ValidationError as error:
-        raise ConfigError(f"{source}: invalid configuration\n{_describe(error)}") from None
+        raise ConfigError(_hide_environment(f"{source}: invalid configuration\n{_describe(error)}", used)) from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -91,6 +91,10 @@ class HealSuspended(CredentialError):
     """Upstream rejected a freshly minted token as well: no further mint for this installation for a while."""
 
 
+class UpstreamBadResponse(ProxyError):
+    """The upstream answered with something that cannot be passed on (a control character in a header)."""
+
+
 class AppNotInstalled(CredentialError):
     """The GitHub App is not installed on the repo, or cannot see it."""
 

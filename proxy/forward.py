@@ -41,6 +41,7 @@ from .errors import (
     ReadOnlyRefused,
     RequestBodyRefused,
     UpstreamBadRedirect,
+    UpstreamBadResponse,
     UpstreamNeedsAuth,
     UpstreamRefusedAuth,
     UpstreamTimeout,
@@ -94,6 +95,7 @@ _STATUS: dict[type[ProxyError], int] = {
     UpstreamRefusedAuth: 502,
     UpstreamUnreachable: 502,
     UpstreamBadRedirect: 502,
+    UpstreamBadResponse: 502,
     UpstreamTimeout: 504,
 }
 
@@ -128,6 +130,7 @@ class LiveContext:
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in header values
 
 
 @dataclass(eq=False)  # identity: the transfer watch keys on it
@@ -282,9 +285,8 @@ async def _exchange_with_upstream(
         return _refuse(error, exchange)
     complete = False
     try:
-        response = web.StreamResponse(
-            status=opened.upstream.status, reason=opened.upstream.reason, headers=opened.headers
-        )
+        # No reason phrase from upstream: it may hold control characters, and git reads only the status code.
+        response = web.StreamResponse(status=opened.upstream.status, headers=opened.headers)
         response.headers["X-Request-Id"] = exchange.request_id
         exchange.status = response.status
         complete = await _stream_back(request, opened.upstream, response, exchange)
@@ -590,6 +592,9 @@ def _check_status(upstream: aiohttp.ClientResponse, route: Route, credential: Cr
 
 
 def _response_headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+    if any(_CONTROL.search(value) for value in upstream.headers.values()):
+        # aiohttp refuses to write such a header (it could split the response): say so rather than crash.
+        raise UpstreamBadResponse(f"{route.upstream.host} answered with a control character in a header")
     out = CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in _NOT_RETURNED)
     if "Location" in upstream.headers:
         out["Location"] = _rewrite_location(upstream.headers["Location"], route)

@@ -156,16 +156,36 @@ class ConfigWatcher:
     def __init__(self, proxy: Proxy, path: Path, reloader: Reloader) -> None:
         self._proxy, self._path, self._reloader = proxy, path, reloader
         self._last: bytes | None = None  # the first poll only takes stock
+        # A config that loaded but was rejected (say, its new key file is not there yet: ConfigMaps and Secrets
+        # update separately). Its files are watched too, so the reload happens when the missing one appears.
+        self._rejected: Config | None = None
 
     async def poll(self) -> None:
-        files = _watched_files(self._path, self._proxy.config)
-        current = await asyncio.to_thread(_digest, files)  # file reads never run on the event loop
+        current = await asyncio.to_thread(_digest, *self._files())  # file reads never run on the event loop
         if current is None:
-            return
+            return  # a file is missing or mid-swap: keep what runs, look again later
         if self._last is not None and current != self._last:
             log.info("%s or a file it names changed; reloading", self._path)
-            await self._reloader.reload()
+            if await self._reloader.reload():
+                self._rejected = None
+            else:
+                self._rejected = await asyncio.to_thread(_loadable, self._path)
+                current = await asyncio.to_thread(_digest, *self._files()) or current
         self._last = current  # even when rejected: the same content is not retried, nor its rejection logged again
+
+    def _files(self) -> tuple[list[Path], list[Path]]:
+        """The running config's files, and those only the rejected one names (which may not exist yet)."""
+        files = _watched_files(self._path, self._proxy.config)
+        if self._rejected is None:
+            return files, []
+        return files, [file for file in _watched_files(self._path, self._rejected) if file not in files]
+
+
+def _loadable(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError:
+        return None
 
 
 def _watched_files(path: Path, config: Config) -> list[Path]:
@@ -174,13 +194,20 @@ def _watched_files(path: Path, config: Config) -> list[Path]:
     return [path, *config.github.app_installation.secret_files, *keys]
 
 
-def _digest(paths: list[Path]) -> bytes | None:
+def _digest(paths: list[Path], hoped_for: list[Path] | None = None) -> bytes | None:
+    """None while a file the running config needs is missing or mid-swap. A file only a rejected config names
+    counts as "missing" instead: its appearance is a change, and its absence must not hide other changes."""
     digest = hashlib.sha256()
     try:
         for path in paths:
             digest.update(_file_digest(path))
     except OSError:
-        return None  # mid-swap or briefly missing: keep what runs, look again later
+        return None
+    for path in hoped_for or []:
+        try:
+            digest.update(_file_digest(path))
+        except OSError:
+            digest.update(b"missing")
     return digest.digest()
 
 

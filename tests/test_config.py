@@ -313,3 +313,22 @@ def test_read_only_entries_cannot_ask_for_write_permissions(level: str) -> None:
     assert isinstance(read_only, GitHubAppEntry) and read_only.token_permissions == {"contents": "read"}
     writer = parse_config(with_auth(app_entry(permissions={"contents": level}))).auth[0]  # without readOnly: fine
     assert isinstance(writer, GitHubAppEntry) and writer.token_permissions == {"contents": level}
+
+
+@pytest.mark.parametrize("where", ["server.headerTimeout", "readiness.interval", "upstreams.url", "server.port"])
+def test_a_config_error_never_echoes_a_value_from_the_environment(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key put where a duration belongs (by mistake, or by whoever may edit the ConfigMap) must not reach the
+    log through the message that rejects it: the message names the variable instead."""
+    secret = "LS0tLS1CRUdJTiBSU0EgUFJJVkFURSBLRVktLS0tLQo-not-a-duration-" + "x" * 40
+    monkeypatch.setenv("ACME_KEY_B64", secret)
+    ref = "${ACME_KEY_B64}"
+    data: dict[str, Any] = {
+        "server.headerTimeout": {"server": {"headerTimeout": ref}},
+        "readiness.interval": {"readiness": {"interval": ref}},
+        "upstreams.url": {"upstreams": [{"host": "github.com", "url": ref}]},
+        "server.port": {"server": {"port": ref}},
+    }[where]
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data)
+    assert secret[:20] not in str(raised.value)
+    assert where.split(".")[0] in str(raised.value)  # still names the key to fix

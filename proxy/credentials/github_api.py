@@ -126,9 +126,12 @@ class GitHubAppApi:
         answer = await self._call("POST", f"/app/installations/{installation_id}/access_tokens", body=scope)
         if answer.status == 404:
             raise InstallationGone(installation_id, f"installation {installation_id} of {self.entry_id!r} is gone")
+        what = f"GitHub's new token for {self.entry_id!r}"
+        if 200 <= answer.status < 300 and answer.status != 201:
+            # A success of the wrong kind may well carry a token that is now lost: paused like a malformed 201.
+            raise MalformedAnswer(f"{what} is malformed: HTTP {answer.status} instead of 201")
         if answer.status != 201:
             raise GitHubRefused(f"GitHub refused to mint a token for {self.entry_id!r}: {answer.message}")
-        what = f"GitHub's new token for {self.entry_id!r}"
         parsed = parse_answer(TokenAnswer, answer.body, what)
         lifetime = token_lifetime(parsed.expires_at, github_now(answer.server_time, self._skew, time.time()))
         if lifetime <= 0:

@@ -38,6 +38,9 @@ log = logging.getLogger("git_token_proxy.github_app")
 INSTALLATION_TTL = 3600.0  # owner → installation id rarely changes; a 404 on mint corrects it sooner
 NOT_INSTALLED_TTL = 300.0  # a definite "not installed" is remembered briefly, so a typo does not hammer the API
 LOOKUPS_PER_OWNER_PER_MINUTE = 10  # failures are never cached; this bounds what they can cost
+# GitHub's tokens live an hour, so a healthy installation needs about one mint an hour. Tokens that GitHub says
+# live only seconds would otherwise be re-minted on nearly every request: this bounds the storm.
+MINTS_PER_TOKEN_PER_MINUTE = 3
 # A mint answer that cannot be used means a token was made and lost: the next mint waits, doubling up to 5 min.
 MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE = 5.0, 300.0
 LIVENESS_PERIOD = 60.0  # one liveness check per token per minute, whatever the number of 404s
@@ -73,6 +76,7 @@ class GitHubAppSource:
         self._not_installed = stores(max_entries, f"not-installed:{app}")  # True while "not installed" holds
         self._lookups: SingleFlight[int | _NotInstalled] = SingleFlight()
         self._lookup_budget = CallBudget(max_entries, LOOKUPS_PER_OWNER_PER_MINUTE)
+        self._mint_budget = CallBudget(max_entries, MINTS_PER_TOKEN_PER_MINUTE)
         self._mint_pauses = Pauses(max_entries, MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE)
         self._heals = HealBackoff(max_entries)
         self._checked: BoundedDict[str, float] = BoundedDict(max_entries)  # token digest → last liveness check
@@ -132,10 +136,12 @@ class GitHubAppSource:
 
     def forget_failures(self) -> None:
         """A reload: whatever went wrong is asked about again at once. Rate-limit windows, "not installed"
-        answers, look-up budgets, paused mints, suspended heals and liveness results are forgotten."""
+        answers, look-up budgets, paused mints and liveness results are forgotten."""
         self._api.forget_failures()
         self._not_installed.clear()
-        for table in (self._lookup_budget, self._mint_pauses, self._heals, self._checked):
+        # Not the heal backoff: a reload does not make a rejecting upstream accept tokens, and a file rewritten
+        # often (or SIGHUP in a loop) must not bring the heal storm back.
+        for table in (self._lookup_budget, self._mint_pauses, self._checked):
             table.clear()
 
     async def close(self) -> None:
@@ -172,9 +178,7 @@ class GitHubAppSource:
         if self.entry.installation_id is not None:
             return self.entry.installation_id
         owner = self._owner_key(repo)
-        known: int | _NotInstalled | None = await self._installations.get(owner)
-        if known is None and await self._not_installed.get(owner):
-            known = NOT_INSTALLED
+        known = await self._known(owner)
         if known is None:
             known = await self._lookups.run(owner, lambda: self._look_up(owner))
         if known is NOT_INSTALLED:
@@ -184,7 +188,16 @@ class GitHubAppSource:
         assert isinstance(known, int)
         return known
 
+    async def _known(self, owner: str) -> int | _NotInstalled | None:
+        if (installation_id := await self._installations.get(owner)) is not None:
+            return int(installation_id)
+        return NOT_INSTALLED if await self._not_installed.get(owner) else None
+
     async def _look_up(self, owner: str) -> int | _NotInstalled:
+        # Reading the stores may await (a shared tier): a flight that ended meanwhile may have answered already.
+        known = await self._known(owner)
+        if known is not None:
+            return known
         try:
             self._spend_lookup(owner)
             found = await self._api.find_owner_installation(owner)
@@ -277,6 +290,12 @@ class GitHubAppSource:
         if paused is not None:
             seconds, reason = paused
             raise GitHubRefused(f"{reason}; not minting again for {seconds:.0f} s")
+        wait = self._mint_budget.take(key)
+        if wait:
+            raise RateLimited(
+                f"{MINTS_PER_TOKEN_PER_MINUTE} tokens minted for {self.entry_id!r} within a minute (do GitHub's "
+                f"tokens expire that soon?); the next in {wait:.0f} s"
+            )
 
     async def describe_app(self) -> dict[str, Any]:
         """GET /app with this entry's JWT: proves the key and issuer are right (used by `check`)."""

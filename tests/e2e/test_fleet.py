@@ -257,3 +257,16 @@ async def test_check_round_trips_a_probe_through_redis_or_says_why_not(
     redis_server.stop()
     assert await run_check(config, "config.yaml", None) == 1
     assert "shared cache: Redis at" in (out := capsys.readouterr().out) and "FAILED: ConnectionError" in out
+
+
+async def test_one_replica_with_redis_looks_an_owner_up_once(
+    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, git: Git, replicas: Replicas
+) -> None:
+    """The stores are read before the look-up's single flight, and with Redis that read awaits: a flight that
+    ends meanwhile must be noticed, not followed by a second look-up."""
+    fake_github.apps.mint_latency = 0.25
+    proxy = await replicas.start(fleet_config(fake_github, acme_app, redis_server))
+    await asyncio.gather(
+        *(git("clone", "--quiet", f"{proxy}/github.com/acme/{REPOS[i % 4]}", f"c{i}") for i in range(24))
+    )
+    assert (fake_github.apps.count("lookup"), fake_github.apps.count("mint")) == (1, 1)

@@ -313,3 +313,91 @@ async def test_a_rotated_key_mints_a_new_token_even_with_a_fixed_installation(
         fake_github.apps.jwts_seen[-1], new_key.public_key(), algorithms=["RS256"], options={"verify_iat": False}
     )
     assert await proxy.stop() == 0
+
+
+# ------------------------------------------------------------ found by the second red team
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"HTTP/1.1 200 O\x1b[31mk\r\nContent-Length: 2\r\n\r\nok", 200),  # the reason phrase is not passed on
+        (b"HTTP/1.1 200 OK\r\nX-Debug: a\x01b\x7f\r\nContent-Length: 2\r\n\r\nok", 502),  # a header cannot be
+    ],
+    ids=["reason-phrase", "header-value"],
+)
+async def test_control_characters_from_upstream_are_never_a_500(
+    raw: bytes, expected: int, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import static_config
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(raw)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    try:
+        proxy = await start_proxy(static_config(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"))
+        [(status, text)] = await info_refs(proxy, "acme/private")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert status == expected, text
+    assert "\x1b" not in text and "\x01" not in text
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_a_mint_answered_200_instead_of_201_pauses_like_a_malformed_one(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy
+) -> None:
+    """Each such answer may carry a token GitHub made and the proxy lost: not one more per request."""
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    token = {"token": "ghs_" + "a" * 36, "expires_at": "2099-01-01T00:00:00Z", "permissions": {}}
+    fake_github.apps.script_next("mint", *[CannedAnswer.json(200, token) for _ in range(10)])
+    answers = await info_refs(proxy, "acme/private", times=10)
+    assert statuses(answers) == {502}
+    assert len(fake_github.apps.statuses("mint")) == 1
+
+
+async def test_tokens_that_expire_in_seconds_do_not_cause_a_mint_storm(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    fake_github.apps.token_lifetime = 2.0  # a broken GitHub: every token expires 2 s after it is made
+    answers = []
+    for _ in range(60):  # one client, one request after another, for about 6 s
+        answers += await info_refs(proxy, "acme/private")
+        await asyncio.sleep(0.1)
+    assert len(fake_github.apps.minted_tokens) <= 3  # at most 3 a minute per token, not one per second
+    assert statuses(answers) <= {200, 503}
+    assert any("do GitHub's tokens expire that soon?" in text for _, text in answers)
+
+
+async def test_reloads_that_change_nothing_do_not_reopen_the_heal_storm(
+    fake_github: FakeGitHub, acme_app: AcmeApp
+) -> None:
+    from aiohttp import web
+
+    from proxy.app import PROXY, create_app
+    from proxy.config import parse_config
+
+    config = app_config(fake_github.url, acme_app)
+    app = await create_app(parse_config(config))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        await info_refs(url, "acme/private")
+        fake_github.reject_all_tokens = True
+        for _ in range(20):  # --watch on a Secret rewritten every few seconds, or SIGHUP in a loop
+            await app[PROXY].reload(parse_config(config))
+            await info_refs(url, "acme/private")
+        assert len(fake_github.apps.minted_tokens) <= 4
+    finally:
+        await runner.cleanup()

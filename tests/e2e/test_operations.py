@@ -314,3 +314,23 @@ async def test_a_yaml_bomb_is_rejected_without_stalling_and_the_old_config_serve
     await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the good edit")
     await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")
     assert await proxy.stop() == 0
+
+
+async def test_watch_reloads_when_the_key_file_a_rejected_config_names_appears(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any, tmp_path: Path
+) -> None:
+    """ConfigMaps and Secrets are updated separately: the config naming a new key file may land first. Its reload
+    is rejected; when the key lands, the watcher must notice, although only the rejected config names it."""
+    install_on_octo(fake_github, acme_app)
+    config = app_config(fake_github.url, acme_app)
+    proxy = await serve_process(config, "--watch", "--log-format", "json")
+    late_key = tmp_path / "mounted-later" / "octo.pem"
+    new_config = with_octo_entry(app_config(fake_github.url, acme_app), acme_app)
+    new_config["github"]["appInstallation"]["auth"][1]["privateKey"] = str(late_key)
+    proxy.write_config(new_config)
+    await proxy.wait_for(lambda: "reload rejected" in proxy.stderr, "the rejected reload", seconds=15)
+    late_key.parent.mkdir()
+    late_key.write_text(pkcs1_pem(acme_app.key))
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the reload once the key exists", 15)
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "tool")
+    assert proxy.stderr.count("reload rejected") == 1
