@@ -260,13 +260,35 @@ async def test_check_round_trips_a_probe_through_redis_or_says_why_not(
 
 
 async def test_one_replica_with_redis_looks_an_owner_up_once(
-    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, git: Git, replicas: Replicas
+    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer
 ) -> None:
     """The stores are read before the look-up's single flight, and with Redis that read awaits: a flight that
-    ends meanwhile must be noticed, not followed by a second look-up."""
-    fake_github.apps.mint_latency = 0.25
-    proxy = await replicas.start(fleet_config(fake_github, acme_app, redis_server))
-    await asyncio.gather(
-        *(git("clone", "--quiet", f"{proxy}/github.com/acme/{REPOS[i % 4]}", f"c{i}") for i in range(24))
+    ends meanwhile must be noticed, not followed by a second look-up. Cold requests arrive 0.5 ms apart."""
+    from proxy.app import (
+        build_api_session,
+        build_credential_sources,
+        build_shared_tier,
+        build_token_cache,
+        load_app_keys,
     )
+    from proxy.metrics import Metrics
+    from proxy.routing import RepoRef
+
+    config = parse_config(fleet_config(fake_github, acme_app, redis_server))
+    metrics = Metrics()
+    tier = build_shared_tier(config, metrics)
+    assert tier is not None
+    try:
+        async with build_api_session(config) as session:
+            tokens = build_token_cache(config, metrics, tier)
+            keys = load_app_keys(config)
+            source = build_credential_sources(config, session, keys, tokens, metrics, stores=tier.stores)["acme-app"]
+
+            async def one(i: int) -> None:
+                await asyncio.sleep(i * 0.0005)
+                await source.get_credential(RepoRef("github.com", "acme", REPOS[i % 4]))
+
+            await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        await tier.store.close()
     assert (fake_github.apps.count("lookup"), fake_github.apps.count("mint")) == (1, 1)
