@@ -426,6 +426,36 @@ def _is_fernet_key(key: str) -> bool:
         return False
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `20GiB`, `500MiB`, `10GB` or a bare number of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("expected a size such as 10GiB or 500MiB")
+    if isinstance(value, int | float):
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError("not a size; use e.g. 10GiB, 500MiB or 20GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+class MirrorConfig(_Model):
+    """Repeat clones come from a local bare mirror per repo; refs and authorization still come from upstream."""
+
+    dir: Path  # one bare mirror per upstream repo under it, laid out by host/owner/repo
+    max_size: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 10 * (1 << 30)  # LRU eviction of whole repos
+    repos: list[str] = []  # regexes like access.clients' repos, matched against host/owner/repo; empty: every repo
+    # A pack is served from the mirror only while an upstream answer less than this old proves that the credential
+    # can read the repo (and no refusal came since); otherwise upstream is asked first.
+    auth_ttl: PositiveDuration = 60.0
+
+
 class CacheConfig(_Model):
     redis: RedisConfig | None = None  # absent: every replica caches on its own, and no Redis is needed
 
@@ -438,6 +468,7 @@ class Config(_Model):
     tls: TlsConfig = TlsConfig()
     github: GitHubConfig = GitHubConfig()
     cache: CacheConfig = CacheConfig()
+    mirror: MirrorConfig | None = None  # absent: pure pass-through
 
     @property
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:

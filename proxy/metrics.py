@@ -97,6 +97,22 @@ class Metrics:
             "git_token_proxy_redis_available", "1 while the shared cache (Redis) answers, 0 while it is away",
             registry=r,
         )  # fmt: skip
+        # The mirror cache (mirror.dir).
+        self.mirror_requests = Counter(
+            "git_token_proxy_mirror_requests", "Pack requests by how they were answered",
+            ["outcome"], registry=r,
+        )  # fmt: skip  # outcome: hit (from the mirror), filled (fetched into it first), bypass (upstream)
+        self.mirror_fetches = Counter(
+            "git_token_proxy_mirror_fetches", "Fetches from upstream into a mirror, by result", ["result"], registry=r
+        )
+        self.mirror_bytes = Counter(
+            "git_token_proxy_mirror_bytes", "Pack bytes sent to clients, by where they came from", ["source"],
+            registry=r,
+        )  # fmt: skip  # source: mirror or upstream
+        self.mirror_evictions = Counter(
+            "git_token_proxy_mirror_evictions", "Mirrors evicted to stay under maxSize", registry=r
+        )
+        self.mirror_disk_bytes = Gauge("git_token_proxy_mirror_disk_bytes", "Disk used by the mirrors", registry=r)
         self.soonest_expiry = Gauge(
             "git_token_proxy_token_soonest_expiry_seconds", "Seconds until the soonest cached token expires",
             registry=r,
