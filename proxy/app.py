@@ -30,6 +30,8 @@ from .credentials.static import StaticTokenSource
 from .errors import ProxyError
 from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_request
 from .metrics import Metrics
+from .mirror import Mirror
+from .mirror.proof import AuthProof
 from .routing import Router, base_url_host
 
 log = logging.getLogger("git_token_proxy.app")
@@ -153,6 +155,7 @@ def build_context(
     metrics: Metrics,
     previous: Mapping[str, CredentialSource] | None = None,
     stores: StoreFactory = local_stores,
+    mirror: MirrorService | None = None,
 ) -> ForwardContext:
     """Everything that can fail (patterns, keys, apiUrl) fails here, before anything is swapped in."""
     router = build_router(config)
@@ -163,6 +166,7 @@ def build_context(
         allowed_hosts=frozenset(host.strip().lower() for host in config.server.allowed_hosts),
         # An inspected body (an LFS batch) is part of the request: it gets the same budget as the headers.
         body_timeout=config.server.header_timeout,
+        mirror=mirror.mirror if mirror else None, proof=mirror.proof if mirror else None,
     )  # fmt: skip
 
 
@@ -195,6 +199,20 @@ def build_upstream_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+@dataclass(frozen=True)
+class MirrorService:
+    """mirror.dir: the mirrors and upstream's recent word on who may read them. Fixed at start-up."""
+
+    mirror: Mirror
+    proof: AuthProof
+
+
+def build_mirror(config: Config, metrics: Metrics) -> MirrorService | None:
+    if config.mirror is None:
+        return None
+    return MirrorService(Mirror(config.mirror, config.tls.ca_file, metrics), AuthProof(config.mirror.auth_ttl))
+
+
 def _stores_of(shared: SharedTier | None) -> StoreFactory:
     return shared.stores if shared is not None else local_stores
 
@@ -219,6 +237,7 @@ class Proxy:
     tokens: TokenCache
     metrics: Metrics
     shared: SharedTier | None = None  # cache.redis: fixed at start-up, like the token cache itself
+    mirror: MirrorService | None = None  # mirror.dir: fixed at start-up too
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     draining: bool = False
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
@@ -237,8 +256,9 @@ class Proxy:
         # /healthz and every transfer carry on while a reload builds.
         stores = _stores_of(self.shared)
         context = await asyncio.to_thread(
-            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous, stores
-        )
+            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous, stores,
+            self.mirror,
+        )  # fmt: skip
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
@@ -257,7 +277,9 @@ class Proxy:
             s = c.github.app_installation
             return s.system_auth_cache_duration, s.refresh_before, s.system_auth_cache_max_weight
 
-        changed = [key for key in ("server", "tls", "cache") if getattr(config, key) != getattr(self.config, key)]
+        changed = [
+            key for key in ("server", "tls", "cache", "mirror") if getattr(config, key) != getattr(self.config, key)
+        ]
         if cache_settings(config) != cache_settings(self.config):
             changed.append("the token cache settings (systemAuthCacheDuration, refreshBefore, MaxWeight)")
         if changed:
@@ -268,6 +290,8 @@ class Proxy:
         await self.api_session.close()
         if self.shared is not None:
             await self.shared.store.close()
+        if self.mirror is not None:
+            await self.mirror.mirror.close()
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -343,8 +367,9 @@ async def create_app(config: Config) -> web.Application:
     tokens = build_token_cache(config, metrics, shared)
     metrics.watch_token_expiry(tokens.seconds_until_soonest_expiry)
     session, api_session = build_upstream_session(config), build_api_session(config)
+    mirror = build_mirror(config, metrics)
     try:
-        context = build_context(config, session, api_session, tokens, metrics, stores=_stores_of(shared))
+        context = build_context(config, session, api_session, tokens, metrics, stores=_stores_of(shared), mirror=mirror)
     except ConfigError:
         await session.close()
         await api_session.close()
@@ -352,13 +377,15 @@ async def create_app(config: Config) -> web.Application:
             await shared.store.close()
         raise
     transfers = TransferWatch(config.server.write_timeout, metrics)
-    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics, shared)
+    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics, shared, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         background = [asyncio.create_task(_probe_github(proxy)), asyncio.create_task(transfers.run())]
+        if mirror is not None:
+            background.append(asyncio.create_task(mirror.mirror.run_maintenance()))
         yield
         for task in background:
             task.cancel()

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, enforce_read_only
+from .access import AccessControl, enforce_read_only, read_whole_body
 from .credentials import Credential, CredentialSource
 from .errors import (
     AnonymousRefused,
@@ -49,7 +50,9 @@ from .errors import (
 )
 from .logs import REQUEST_ID, sanitise_for_client
 from .metrics import REFUSED, Metrics
-from .routing import INFO_REFS, Route, Router
+from .mirror import Mirror, MirrorAnswer
+from .mirror.proof import AuthProof
+from .routing import INFO_REFS, UPLOAD_PACK, Route, Router, Service
 
 log = logging.getLogger("git_token_proxy.forward")
 audit_log = logging.getLogger("git_token_proxy.audit")
@@ -118,6 +121,8 @@ class ForwardContext:
     metrics: Metrics
     allowed_hosts: frozenset[str] = frozenset()  # Host header values besides loopback names (lower case)
     body_timeout: float = 15.0  # for bodies the proxy reads whole in order to check them
+    mirror: Mirror | None = None  # mirror.dir: pack requests may be answered from a local mirror
+    proof: AuthProof | None = None  # with a mirror: upstream's recent word that a credential may read a repo
 
 
 @dataclass
@@ -148,6 +153,7 @@ class _Exchange:
     reason: str | None = None  # why the proxy refused the request
     aborted: str | None = None  # why a transfer already under way was cut
     request_sent: bool = False  # upstream received the whole request body (or there was none)
+    mirror: str | None = None  # with a mirror, for pack requests: hit, filled or bypass
     body_failed: bool = False  # the client's streamed body broke off
     upstream: aiohttp.ClientResponse | None = None  # once its headers have come
 
@@ -280,9 +286,16 @@ async def _exchange_with_upstream(
     request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
 ) -> web.StreamResponse:
     try:
+        if context.mirror is not None and route.endpoint is UPLOAD_PACK and context.mirror.covers(route.repo):
+            served = await _serve_from_mirror(request, route, context, exchange)
+            if isinstance(served, web.StreamResponse):
+                return served
+            body = served  # bypass: the body was read whole, and goes upstream exactly as it came
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
+        _note_for_mirror(context, route, error)
         return _refuse(error, exchange)
+    _note_for_mirror(context, route, opened.upstream.status)
     complete = False
     try:
         # No reason phrase from upstream: it may hold control characters, and git reads only the status code.
@@ -292,6 +305,112 @@ async def _exchange_with_upstream(
         complete = await _stream_back(request, opened.upstream, response, exchange)
     finally:
         _finish(opened.upstream, complete and exchange.request_sent)
+        if exchange.mirror is not None:  # a pack request the mirror did not answer: it came from upstream
+            context.metrics.mirror_bytes.labels("upstream").inc(exchange.bytes_out)
+    return response
+
+
+# ---------------------------------------------------------------- the mirror
+
+# A pack request lists wants and haves: even a fetch into a large clone stays far below this.
+MIRROR_BODY_LIMIT = 64 * 1024 * 1024
+
+
+async def _serve_from_mirror(
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange
+) -> web.StreamResponse | bytes:
+    """A pack from the mirror, or the request's raw body to send upstream instead (a bypass). Refs and the right
+    to read come from upstream every time: this runs only for the pack request, after access control, and only
+    while upstream's recent answer proves that the credential can read the repo."""
+    assert context.mirror is not None
+    raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
+    exchange.mirror = "bypass"
+    body = _inflated(raw, request.headers.get("Content-Encoding"))
+    source = context.sources[route.entry.id] if route.entry else None
+    credential = exchange.credential = await _credential(source, route, context.metrics)
+    answer = None
+    if body is not None and await _read_proven(route, credential, context):
+        answer = await context.mirror.answer_pack(
+            route.repo, body, request.headers.get("Git-Protocol"), route.repo_url, credential
+        )
+    context.metrics.mirror_requests.labels(answer.outcome if answer else "bypass").inc()
+    if answer is None:
+        return raw
+    exchange.mirror, exchange.request_sent, exchange.bytes_in = answer.outcome, True, len(raw)
+    return await _stream_mirror_answer(request, answer, exchange, context.metrics)
+
+
+def _inflated(raw: bytes, encoding: str | None) -> bytes | None:
+    """The body as upload-pack reads it (git gzips requests over 1 KiB), bounded; None: not one we can read."""
+    if not encoding or encoding.strip().lower() == "identity":
+        return raw
+    if encoding.strip().lower() not in ("gzip", "x-gzip"):
+        return None
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        body = inflater.decompress(raw, MIRROR_BODY_LIMIT)
+    except zlib.error:
+        return None
+    return None if inflater.unconsumed_tail or not inflater.eof else body
+
+
+async def _read_proven(route: Route, credential: Credential | None, context: ForwardContext) -> bool:
+    """Upstream's word, less than `mirror.authTtl` old, that this credential may read this repo. Without it,
+    upstream is asked (a ref advertisement, as git's own first request), and its answer is remembered."""
+    assert context.proof is not None
+    entry_id = route.entry.id if route.entry else None
+    if context.proof.holds(entry_id, route.matched):
+        return True
+    headers = {"Git-Protocol": "version=2"} if credential is None else {
+        "Git-Protocol": "version=2", "Authorization": credential.authorization,
+    }  # fmt: skip
+    try:
+        async with context.session.get(
+            f"{route.repo_url}/info/refs?service=git-upload-pack", headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(sock_connect=route.upstream.connect_timeout,
+                                          sock_read=route.upstream.read_timeout),
+        ) as answer:  # fmt: skip
+            await answer.read()
+            status = answer.status
+    except (aiohttp.ClientError, TimeoutError):
+        return False  # no word from upstream: the request goes there, and gets upstream's own answer
+    context.proof.note(entry_id, route.matched, status)
+    return context.proof.holds(entry_id, route.matched)
+
+
+def _note_for_mirror(context: ForwardContext, route: Route, outcome: int | ProxyError) -> None:
+    """Every upstream answer to a read of a mirrored repo renews or voids the proof."""
+    if context.proof is None or route.service is not Service.UPLOAD_PACK:
+        return
+    if isinstance(outcome, UpstreamRefusedAuth | UpstreamNeedsAuth):
+        outcome = 401
+    if isinstance(outcome, int):
+        context.proof.note(route.entry.id if route.entry else None, route.matched, outcome)
+
+
+async def _stream_mirror_answer(
+    request: web.Request, answer: MirrorAnswer, exchange: _Exchange, metrics: Metrics
+) -> web.StreamResponse:
+    headers = {"Content-Type": "application/x-git-upload-pack-result", "Cache-Control": "no-cache",
+               "X-Request-Id": exchange.request_id}  # fmt: skip
+    response = web.StreamResponse(status=200, headers=headers)
+    exchange.status = 200
+    try:
+        await response.prepare(request)
+        async for chunk in answer.chunks:
+            await response.write(chunk)
+            exchange.bytes_out += len(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client closed the connection after %d bytes from the mirror", exchange.bytes_out)
+    except Exception:
+        # The status line is out: git must see a broken transfer, never a truncated pack taken for a whole one.
+        log.exception("mirror answer failed after %d bytes; aborting the client connection", exchange.bytes_out)
+        exchange.aborted = "the mirror's upload-pack failed (see the proxy's log)"
+        _abort_client(request)
+    finally:
+        await answer.close()
+        metrics.mirror_bytes.labels("mirror").inc(exchange.bytes_out)
     return response
 
 
@@ -478,6 +597,8 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
         record["reason"] = exchange.reason
     if exchange.aborted:
         record["aborted"] = exchange.aborted
+    if exchange.mirror:
+        record["mirror"] = exchange.mirror
     if not route:
         record["path"] = request.raw_path.partition("?")[0][:200]  # no query: it is the one place a secret could be
     audit_log.info("%s", json.dumps(record, separators=(",", ":")))

@@ -47,9 +47,10 @@ _GET, _POST = frozenset({"GET"}), frozenset({"POST"})
 LFS_BATCH = Endpoint(("info", "lfs", "objects", "batch"), _POST, Service.LFS)
 # Opens every git operation; the one request a dead token can be renewed for and sent again.
 INFO_REFS = Endpoint(("info", "refs"), _GET, None)
+UPLOAD_PACK = Endpoint(("git-upload-pack",), _POST, Service.UPLOAD_PACK)  # the pack request a mirror may answer
 ENDPOINTS: tuple[Endpoint, ...] = (
     INFO_REFS,
-    Endpoint(("git-upload-pack",), _POST, Service.UPLOAD_PACK),
+    UPLOAD_PACK,
     Endpoint(("git-receive-pack",), _POST, Service.RECEIVE_PACK, write_methods=_POST),
     LFS_BATCH,
     Endpoint(("info", "lfs", "locks"), _GET | _POST, Service.LFS, write_methods=_POST),
@@ -90,6 +91,7 @@ class Route:
     # host + baseUrl path + owner/repo (no `.git`): exactly what the entry's pattern matched, and so exactly what
     # access rules must judge. `repo` alone would drop a baseUrl path such as `git.company.local/team-b`.
     matched: str
+    repo_url: str  # the repo on the upstream, without an endpoint: what a mirror fetches from
 
 
 # ---------------------------------------------------------------- url patterns
@@ -204,9 +206,12 @@ class Router:
         entry, repo = self.match_entry(upstream.host, repo_path)
         if entry is None and not upstream.anonymous:
             raise AnonymousRefused(f"no auth entry matches {repo} and anonymous access to {upstream.host} is disabled")
-        url = f"{upstream.url}/{'/'.join((*repo_path, *endpoint_segments))}"
+        repo_url = f"{upstream.url}/{'/'.join(repo_path)}"
+        url = f"{repo_url}/{'/'.join(endpoint_segments)}"
         matched = f"{upstream.host}/{'/'.join(repo_path)}".removesuffix(".git")
-        return Route(upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}", matched)
+        return Route(
+            upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}", matched, repo_url
+        )
 
     def match_entry(self, host: str, repo_path: Sequence[str]) -> tuple[AuthEntry | None, RepoRef]:
         """The first entry whose pattern matches `host/path` wins; owner/repo follow its `baseUrl`."""

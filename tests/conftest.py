@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.app import create_app
+from proxy.app import PROXY, create_app
 from proxy.config import parse_config
 from proxy.testing import (
     FakeApp,
@@ -265,3 +265,33 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class Replicas:
+    """In-process replicas: each a whole proxy app (its own caches and Redis client) on its own port."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+
+    async def start(self, config: dict[str, Any]) -> str:
+        runner = web.AppRunner(await create_app(parse_config(config)), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    def metric(self, index: int, name: str) -> float:
+        metrics = self.runners[index].app[PROXY].metrics
+        value = metrics.registry.get_sample_value(name)
+        return value if value is not None else 0.0
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def replicas() -> Any:
+    started = Replicas()
+    yield started
+    await started.close()

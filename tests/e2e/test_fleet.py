@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from cryptography.fernet import Fernet
 
-from proxy.app import PROXY, create_app
 from proxy.config import parse_config
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, Git, RedisServer, app_config
+from tests.conftest import AcmeApp, Git, RedisServer, Replicas, app_config
 from tests.e2e.test_operations import ServeProcess
 
 KEY = Fernet.generate_key().decode()
@@ -46,36 +44,6 @@ def assert_no_token_in_clear(redis: RedisServer, fake: FakeGitHub) -> None:
         for token in fake.apps.minted_tokens:
             assert token.encode() not in value and token not in key, f"a token in clear under {key}"
         assert b"x-access-token" not in value and b"ghs_" not in value
-
-
-class Replicas:
-    """In-process replicas: each a whole proxy app (its own caches and Redis client) on its own port."""
-
-    def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
-
-    async def start(self, config: dict[str, Any]) -> str:
-        runner = web.AppRunner(await create_app(parse_config(config)), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    def metric(self, index: int, name: str) -> float:
-        metrics = self.runners[index].app[PROXY].metrics
-        value = metrics.registry.get_sample_value(name)
-        return value if value is not None else 0.0
-
-    async def close(self) -> None:
-        for runner in self.runners:
-            await runner.cleanup()
-
-
-@pytest.fixture
-async def replicas() -> Any:
-    started = Replicas()
-    yield started
-    await started.close()
 
 
 async def start_processes(tmp_path: Path, config: dict[str, Any], count: int) -> list[ServeProcess]:
