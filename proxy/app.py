@@ -397,6 +397,7 @@ async def create_app(config: Config) -> web.Application:
         add_ops_routes(app, proxy)
     else:
         app.router.add_get("/healthz", healthz)  # liveness also on the git port, where Docker's HEALTHCHECK looks
+        app.router.add_get("/readyz", readyz)  # and "draining" there too, until the listener closes
     app.router.add_route("*", "/{path:.*}", forward_request)
     log.debug("git-token-proxy %s: %d upstreams, %d auth entries", __version__, len(config.upstreams), len(config.auth))
     return app
