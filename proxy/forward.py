@@ -50,7 +50,7 @@ from .errors import (
 )
 from .logs import REQUEST_ID, sanitise_for_client
 from .metrics import REFUSED, Metrics
-from .mirror import Mirror, MirrorAnswer
+from .mirror import Mirror, MirrorAnswer, is_pack_request
 from .mirror.proof import AuthProof
 from .routing import INFO_REFS, UPLOAD_PACK, Route, Router, Service
 
@@ -324,8 +324,10 @@ async def _serve_from_mirror(
     while upstream's recent answer proves that the credential can read the repo."""
     assert context.mirror is not None
     raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
-    exchange.mirror = "bypass"
     body = _inflated(raw, request.headers.get("Content-Encoding"))
+    if body is not None and not is_pack_request(body):
+        return raw  # ls-refs: the refs are upstream's, at this moment, like info/refs
+    exchange.mirror = "bypass"
     source = context.sources[route.entry.id] if route.entry else None
     credential = exchange.credential = await _credential(source, route, context.metrics)
     answer = None
