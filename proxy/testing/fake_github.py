@@ -63,6 +63,10 @@ class FakeGitHub:
     public_repos: set[str] = field(default_factory=set)
     clock_offset: float = 0.0  # seconds this GitHub's clock is ahead of the machine's (Date headers, JWT checks)
     git_bytes_per_second: float | None = None  # throttle git responses, to keep a transfer going for a while
+    # Pack requests (POST git-upload-pack) that reached a repo, and the response bytes they were sent: what a
+    # clone really took from "GitHub", so tests can show that a mirror spared it.
+    upload_pack_requests: int = 0
+    upload_pack_bytes: int = 0
     # github.com's real answer to a revoked, expired or unknown token on a private repo: 404 "Repository not
     # found", so that the repo's existence is not revealed. Off: a 401 with a Basic challenge, as GHES answers.
     dead_tokens_get_404: bool = False
@@ -172,9 +176,17 @@ class FakeGitHub:
         if match["endpoint"].startswith("info/lfs/"):
             return await _lfs_answer(request)
         path_info = f"/{full_name}.git/{match['endpoint']}"
+        count_bytes = None
+        if match["endpoint"] == "git-upload-pack":
+            self.upload_pack_requests += 1
+            count_bytes = self._count_upload_pack_bytes
         return await serve_with_http_backend(
-            request, self.repos_root, path_info, username or "anonymous", self._backend
-        )
+            request, self.repos_root, path_info, username or "anonymous", self._backend,
+            self.git_bytes_per_second, count_bytes,
+        )  # fmt: skip
+
+    def _count_upload_pack_bytes(self, size: int) -> None:
+        self.upload_pack_bytes += size
 
     def _authorize(self, full_name: str, token: str | None, push: bool) -> web.Response | None:
         """GitHub's rules: bad or missing credentials on a private repo are a 401 that asks for Basic auth."""

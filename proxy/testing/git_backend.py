@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+
+from ..subprocesses import reap, start_process
 
 log = logging.getLogger("git_token_proxy.testing.git_backend")
 
@@ -33,7 +35,9 @@ async def serve_with_http_backend(
     remote_user: str | None,
     backend: str,
     bytes_per_second: float | None = None,
+    count_bytes: Callable[[int], None] | None = None,
 ) -> web.StreamResponse:
+    """`bytes_per_second` caps the response body's rate (a slow GitHub); `count_bytes` hears of every body chunk."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "GIT_PROJECT_ROOT": str(project_root),
@@ -52,10 +56,7 @@ async def serve_with_http_backend(
     if remote_user:
         env["REMOTE_USER"] = remote_user  # http-backend enables receive-pack only for authenticated users
     # Its own process group: http-backend runs upload-pack and pack-objects, which must die with it.
-    process = await asyncio.create_subprocess_exec(
-        backend, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+    process = await start_process([backend], env)
     assert process.stdin and process.stdout and process.stderr
     feeding = asyncio.create_task(_feed_stdin(request, process.stdin))
     errors = asyncio.create_task(process.stderr.read())
@@ -63,10 +64,12 @@ async def serve_with_http_backend(
         status, headers = await _read_cgi_headers(process.stdout)
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
+        pace = _Pace(bytes_per_second)
         while chunk := await process.stdout.read(65536):
             await response.write(chunk)
-            if bytes_per_second:  # a slow GitHub, for tests that need a transfer to last
-                await asyncio.sleep(len(chunk) / bytes_per_second)
+            if count_bytes is not None:
+                count_bytes(len(chunk))
+            await pace.sent(len(chunk))
         await response.write_eof()
         return response
     finally:
@@ -74,28 +77,28 @@ async def serve_with_http_backend(
         await _reap(process, errors)
 
 
+class _Pace:
+    """Holds a transfer to a rate: after each chunk, sleep until the bytes so far are due. Measured from the start,
+    not per chunk, so the time spent writing counts too and the average rate is the one asked for."""
+
+    def __init__(self, bytes_per_second: float | None) -> None:
+        self._rate = bytes_per_second
+        self._started = time.monotonic()
+        self._sent = 0
+
+    async def sent(self, size: int) -> None:
+        if not self._rate:
+            return
+        self._sent += size
+        due = self._started + self._sent / self._rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+
 async def _reap(process: asyncio.subprocess.Process, errors: asyncio.Task[bytes]) -> None:
-    """Kill the whole group if the response was cut short, then drain and wait: a grandchild holding stdout, or a
-    paused pipe, would otherwise keep the subprocess transport open past the event loop. Cancellation (a server
-    shutting down) does not interrupt this."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    try:
-        await _drain_and_wait(process)
-    except asyncio.CancelledError:
-        await _drain_and_wait(process)
-        raise
+    await reap(process)
     stderr = await errors
     if stderr.strip():
         log.debug("http-backend: %s", stderr.decode(errors="replace").strip())
-
-
-async def _drain_and_wait(process: asyncio.subprocess.Process) -> None:
-    assert process.stdout is not None
-    while await process.stdout.read(65536):
-        pass
-    await process.wait()
 
 
 async def _feed_stdin(request: web.Request, stdin: asyncio.StreamWriter) -> None:

@@ -1,0 +1,137 @@
+"""The mirror cache: answers pack requests from a local bare mirror per repo, filling it from upstream first when
+it lacks what a client wants. Refs and the right to read still come from upstream (see `forward` and `proof`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import MirrorConfig
+from ..credentials import Credential
+from ..metrics import Metrics
+from ..routing import LinearPattern, RepoRef, compile_repo_pattern
+from .fill import MirrorFiller
+from .gitrun import MirrorGit
+from .maintenance import MirrorMaintenance
+from .pktline import NotAPackRequest, PackRequest, is_pack_request, parse_pack_request
+from .serve import UploadPack, start_upload_pack
+from .store import MirrorSlot, MirrorStore
+
+log = logging.getLogger("git_token_proxy.mirror")
+
+__all__ = ["Mirror", "MirrorAnswer", "is_pack_request"]
+
+
+@dataclass
+class MirrorAnswer:
+    """A pack request answered from the mirror. `chunks` is upload-pack's output; call `close` when done, always."""
+
+    outcome: Literal["hit", "filled"]  # served from what the mirror had, or after fetching into it
+    chunks: AsyncIterator[bytes]
+    _close: Callable[[], Awaitable[None]] = field(repr=False)
+
+    async def close(self) -> None:
+        """Ends upload-pack (killed and reaped if the client went away early); safe to call more than once."""
+        await self._close()
+
+
+class Mirror:
+    """One per process. No disk is touched until the first request or maintenance pass."""
+
+    def __init__(self, settings: MirrorConfig, ca_file: Path | None, metrics: Metrics) -> None:
+        self._patterns: list[LinearPattern] = [compile_repo_pattern("mirror", p) for p in settings.repos]
+        self._store = MirrorStore(settings.dir)
+        self._git = MirrorGit(self._store.home, ca_file)
+        self._maintenance = MirrorMaintenance(self._store, self._git, metrics, settings.max_size)
+        self._filler = MirrorFiller(self._store, self._git, metrics, self._maintenance.note_filled)
+        self._serving: dict[UploadPack, MirrorSlot] = {}
+
+    def covers(self, repo: RepoRef) -> bool:
+        if MirrorStore.key_of(repo) is None:
+            return False
+        return not self._patterns or any(pattern.fullmatch(str(repo)) for pattern in self._patterns)
+
+    async def answer_pack(
+        self, repo: RepoRef, body: bytes, git_protocol: str | None, upstream_repo_url: str,
+        credential: Credential | None,
+    ) -> MirrorAnswer | None:  # fmt: skip
+        """The answer to a pack request (`body` already inflated), or None: send it upstream instead. None for
+        anything but a fetch (ls-refs), wants the mirror cannot get, a broken mirror, a full disk."""
+        key = MirrorStore.key_of(repo)
+        if key is None or not self.covers(repo) or not upstream_repo_url.startswith(("https://", "http://")):
+            return None
+        try:
+            request = parse_pack_request(body)
+        except NotAPackRequest as why:
+            log.debug("mirror of %s passes a request upstream: %s", key, why)
+            return None
+        slot = self._store.slot(key)
+        try:
+            await self._store.prepare()
+            await self._filler.wait_for_check(slot)
+        except OSError as error:
+            log.warning("mirror directory unusable, requests go upstream: %s", error)
+            return None
+        if not self._store.start_reading(slot):
+            return None  # being evicted this very moment
+        answer = None
+        try:
+            answer = await self._answer(slot, request, body, git_protocol, upstream_repo_url, credential)
+        except Exception:
+            # A cache must never fail a clone: whatever went wrong here, upstream can still answer.
+            log.exception("mirror of %s failed to answer; the request goes upstream", key)
+        finally:
+            if answer is None:
+                self._store.stop_reading(slot)
+        return answer
+
+    async def _answer(
+        self, slot: MirrorSlot, request: PackRequest, body: bytes, git_protocol: str | None, url: str,
+        credential: Credential | None,
+    ) -> MirrorAnswer | None:  # fmt: skip
+        outcome: Literal["hit", "filled"] = "hit"
+        # want-ref asks the mirror to resolve a ref: only a fetch just now makes its refs upstream's.
+        if request.want_refs or await self._git.missing_objects(slot.path, request.wants):
+            if not await self._filler.fill(slot, request.wants, url, credential):
+                return None
+            outcome = "filled"
+        run = await start_upload_pack(
+            self._git, slot.path, body, git_protocol, lambda failed: self._upload_pack_ended(slot, failed)
+        )
+        try:
+            if not await run.read_head():
+                await run.close()
+                return None
+            await self._store.mark_used(slot)
+        except BaseException:
+            await run.close()
+            raise
+        self._serving[run] = slot
+        return MirrorAnswer(outcome, run, lambda: self._finish(run))
+
+    async def _finish(self, run: UploadPack) -> None:
+        slot = self._serving.pop(run, None)
+        try:
+            await run.close()
+        finally:
+            if slot is not None:  # the first close only; eviction may take the mirror once nobody reads it
+                self._store.stop_reading(slot)
+
+    def _upload_pack_ended(self, slot: MirrorSlot, failed: bool) -> None:
+        if failed:  # a broken pack or ref shows here first: fsck decides, and a broken mirror is moved aside
+            self._filler.schedule_check(slot)
+
+    async def maintain_once(self) -> None:
+        """One maintenance pass (what `run_maintenance` does periodically): git maintenance, eviction, the gauge."""
+        await self._maintenance.run_once()
+
+    async def run_maintenance(self) -> None:
+        await self._maintenance.run_forever()
+
+    async def close(self) -> None:
+        for run in list(self._serving):
+            await self._finish(run)
+        await self._filler.close()
