@@ -16,8 +16,10 @@ RUN pip install --no-cache-dir /wheels/*.whl \
 USER 10001
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8080 9090
-HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+# `healthcheck` finds the port the way `serve` does (its flags, GIT_TOKEN_PROXY_* variables, the config file), so a
+# proxy moved to another port, or with its probes on server.metricsPort, stays healthy.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["git-token-proxy", "healthcheck", "--timeout", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["git-token-proxy"]
 CMD ["serve", "--config", "/etc/git-token-proxy/config.yaml"]

@@ -9,7 +9,9 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -25,6 +27,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -32,6 +35,7 @@ from pydantic.alias_generators import to_camel
 
 from .bounded_yaml import YamlRefused, load_bounded_yaml
 from .files import read_regular_file
+from .pem import key_file_of
 
 
 class ConfigError(Exception):
@@ -80,6 +84,14 @@ def _positive(seconds: float) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveId = Annotated[int, Field(strict=True, gt=0, lt=2**63)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+
+
+def _from_config_folder(path: Path, info: ValidationInfo) -> Path:
+    """A relative path in a config file names a file beside that file, wherever the proxy was started from: the
+    same file then works from a shell, a systemd unit and a container alike."""
+    path = path.expanduser()
+    folder = info.context.get("config_folder") if isinstance(info.context, dict) else None
+    return folder / path if isinstance(folder, Path) and not path.is_absolute() else path
 
 
 # ---------------------------------------------------------------- models
@@ -167,15 +179,25 @@ class TlsConfig(_Model):
 
     @field_validator("ca_file")
     @classmethod
-    def _ca_file_is_readable(cls, path: Path | None) -> Path | None:
-        # OpenSSL reads it later, at start-up: a missing file would surface as a traceback there, and a FIFO or
-        # /dev/zero would hang start-up. Checked here, the message names the key.
+    def _ca_file_is_readable(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        # OpenSSL reads it later, at start-up: a missing file or one without a certificate would surface as a
+        # traceback there, and a FIFO or /dev/zero would hang start-up. Checked here, the message names the key.
         if path is not None:
+            path = _from_config_folder(path, info)
             try:
-                read_regular_file(path, CA_FILE_MAX_BYTES)
+                data = read_regular_file(path, CA_FILE_MAX_BYTES)
             except (OSError, ValueError) as error:
                 raise ValueError(f"cannot read {path}: {_read_problem(error)}") from None
+            _require_certificates(path, data)
         return path
+
+
+def _require_certificates(path: Path, data: bytes) -> None:
+    """Raises ValueError unless OpenSSL finds at least one certificate in `data`, as it will when it loads it."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode())
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
 
 
 class _EntryBase(_Model):
@@ -221,6 +243,17 @@ class GitHubAppEntry(_EntryBase):
     # being fetched. Both become part of the cache key. readOnly without permissions asks for contents: read.
     permissions: dict[str, Literal["read", "write", "admin"]] | None = None
     scope_to_repository: bool = False
+
+    @field_validator("private_key")
+    @classmethod
+    def _key_given(cls, key: SecretStr, info: ValidationInfo) -> SecretStr:
+        value = key.get_secret_value()
+        if not value.strip():
+            raise ValueError("privateKey is empty: give the path to the app's .pem, or the PEM itself")
+        file = key_file_of(value)
+        if file is None or file.is_absolute():
+            return key
+        return SecretStr(str(_from_config_folder(file, info)))
 
     @property
     def token_permissions(self) -> dict[str, str] | None:
@@ -271,6 +304,11 @@ class AppInstallationConfig(_Model):
     system_auth_cache_max_weight: int = Field(default=10_000, ge=1)
     auth: list[AuthEntry] = []
     secret_files: list[Path] = []  # Concord user secrets: {"githubAppInstallation": {...}}, appended to `auth`
+
+    @field_validator("secret_files")
+    @classmethod
+    def _secret_files_beside_config(cls, paths: list[Path], info: ValidationInfo) -> list[Path]:
+        return [_from_config_folder(path, info) for path in paths]
 
     @model_validator(mode="after")
     def _append_secret_files(self) -> AppInstallationConfig:
@@ -380,6 +418,11 @@ class RedisConfig(_Model):
             shown = re.sub(r"//[^/@]*@", "//<credentials removed>@", url)
             raise ValueError(f"url {shown!r} must start with redis://, rediss:// or unix://")
         return url
+
+    @field_validator("encryption_key_file")
+    @classmethod
+    def _key_file_beside_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _from_config_folder(path, info)
 
     @field_validator("key_prefix")
     @classmethod
@@ -507,15 +550,25 @@ def _url_password(url: str) -> list[str]:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any, location: str, used: dict[str, str]) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string; a missing variable names its key. `used` collects
-    each value taken from the environment (value -> variable), so that no error message can echo one."""
+@dataclass
+class _FromEnvironment:
+    """What `${VAR}` expansion took from the environment, for messages: `values` maps each value to its variable
+    (so that no message echoes one), `empty` maps a key's location to the variable that was set but empty."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    empty: dict[str, str] = field(default_factory=dict)
+
+
+def _expand_env(value: Any, location: str, taken: _FromEnvironment) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string; a missing variable names its key."""
     if isinstance(value, str):
 
         def substitute(ref: re.Match[str]) -> str:
             name, default = ref.group(1), ref.group(2)
             if name in os.environ:
-                used[os.environ[name]] = name
+                taken.values[os.environ[name]] = name
+                if not os.environ[name].strip():
+                    taken.empty[location] = name
                 return os.environ[name]
             if default is not None:
                 return default
@@ -523,9 +576,9 @@ def _expand_env(value: Any, location: str, used: dict[str, str]) -> Any:
 
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{location}.{k}" if location else str(k), used) for k, v in value.items()}
+        return {k: _expand_env(v, f"{location}.{k}" if location else str(k), taken) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{location}[{i}]", used) for i, v in enumerate(value)]
+        return [_expand_env(v, f"{location}[{i}]", taken) for i, v in enumerate(value)]
     return value
 
 
@@ -550,9 +603,10 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, empty: Mapping[str, str] | None = None) -> str:
     lines = []
     for item in error.errors():
+        location = _format_location(item["loc"])
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -561,30 +615,46 @@ def _describe(error: ValidationError) -> str:
             message = f"unknown type {given!r}; use GITHUB_APP_INSTALLATION or OAUTH_TOKEN"
             if not isinstance(item["input"], Mapping):
                 message = "each auth entry must be a mapping of keys (id, type, urlPattern, ...)"
-        lines.append(f"{_format_location(item['loc'])}: {message.removeprefix('Value error, ')}")
+        message = message.removeprefix("Value error, ")
+        if empty and location in empty:
+            message += f" (${{{empty[location]}}} is set but empty)"
+        lines.append(f"{location}: {message}")
     return "\n".join(lines)
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
-    """Validate already-loaded YAML data; every problem is one line naming its key."""
+def parse_config(data: Any, source: str = "config", config_folder: Path | None = None) -> Config:
+    """Validate already-loaded YAML data; every problem is one line naming its key. Relative file paths in it
+    name files in `config_folder` (the config file's own folder)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    used: dict[str, str] = {}
+    taken = _FromEnvironment()
     try:
-        return Config.model_validate(_expand_env(data, "", used))
+        return Config.model_validate(_expand_env(data, "", taken), context={"config_folder": config_folder})
     except ConfigError as error:
-        raise ConfigError(_hide_environment(f"{source}: {error}", used)) from None
+        raise ConfigError(_hide_environment(f"{source}: {error}", taken.values)) from None
     except ValidationError as error:
-        raise ConfigError(_hide_environment(f"{source}: invalid configuration\n{_describe(error)}", used)) from None
+        described = _describe(error, taken.empty)
+        # One mistake, one line; several get a line each, under a heading.
+        separator = ": " if "\n" not in described else "\n"
+        message = f"{source}: invalid configuration{separator}{described}"
+        raise ConfigError(_hide_environment(message, taken.values)) from None
+
+
+_DOUBLE_QUOTED_REGEX_HINT = (
+    "; in double quotes YAML reads backslashes itself: write patterns in single quotes, "
+    "'(?<baseUrl>github\\.com)/.*', or double each backslash"
+)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """The problem and its position only: PyYAML's own message quotes the offending line, which may hold a token."""
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or type(error).__name__
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+    where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+    # `"(?<baseUrl>github\.com)"` is the likeliest way to meet this: a regex escape inside a double-quoted string.
+    return where + (_DOUBLE_QUOTED_REGEX_HINT if "unknown escape character" in str(problem) else "")
 
 
 def load_config(path: str | Path) -> Config:
@@ -602,7 +672,7 @@ def load_config(path: str | Path) -> Config:
         # PyYAML converts a date such as 2024-13-45, or an integer of thousands of digits, with Python's own
         # constructors; their messages are not PyYAML's, so say plainly what kind of value it is.
         raise ConfigError(f"{path}: not valid YAML: a number or date is out of range") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), path.absolute().parent)
 
 
 def _read_config_text(path: Path) -> str:

@@ -154,6 +154,7 @@ class _Exchange:
     aborted: str | None = None  # why a transfer already under way was cut
     request_sent: bool = False  # upstream received the whole request body (or there was none)
     mirror: str | None = None  # with a mirror, for pack requests: hit, filled or bypass
+    answering: bool = False  # the response has started (upstream's or the mirror's)
     body_failed: bool = False  # the client's streamed body broke off
     upstream: aiohttp.ClientResponse | None = None  # once its headers have come
 
@@ -215,10 +216,10 @@ class TransferWatch:
     @staticmethod
     def _client_holds_it_up(watched: _Watched) -> bool:
         """Before the answer: the client owes body bytes. During it: bytes wait for the client to read them.
-        Otherwise it is upstream that is silent, and the upstream read timeout is the judge of that."""
-        if watched.exchange.upstream is None:
-            return watched.streams_body and not watched.exchange.request_sent
-        return watched.transport.get_write_buffer_size() > 0
+        Otherwise it is upstream (or the mirror's fill) that is slow, and its own timeouts are the judge."""
+        if watched.exchange.answering:
+            return watched.transport.get_write_buffer_size() > 0
+        return watched.streams_body and not watched.exchange.request_sent
 
     def _cut(self, watched: _Watched) -> None:
         exchange = watched.exchange
@@ -286,7 +287,12 @@ async def _exchange_with_upstream(
     request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
 ) -> web.StreamResponse:
     try:
-        if context.mirror is not None and route.endpoint is UPLOAD_PACK and context.mirror.covers(route.repo):
+        if (
+            context.mirror is not None
+            and route.endpoint is UPLOAD_PACK
+            and (request.content_length or 0) <= MIRROR_BODY_LIMIT
+            and context.mirror.covers(route.matched)
+        ):
             served = await _serve_from_mirror(request, route, context, exchange)
             if isinstance(served, web.StreamResponse):
                 return served
@@ -312,8 +318,9 @@ async def _exchange_with_upstream(
 
 # ---------------------------------------------------------------- the mirror
 
-# A pack request lists wants and haves: even a fetch into a large clone stays far below this.
-MIRROR_BODY_LIMIT = 64 * 1024 * 1024
+# A pack request lists wants and haves: even a fetch into a large clone stays far below this. A larger declared
+# body goes upstream as usual, streamed.
+MIRROR_BODY_LIMIT = 16 * 1024 * 1024
 
 
 async def _serve_from_mirror(
@@ -324,8 +331,9 @@ async def _serve_from_mirror(
     while upstream's recent answer proves that the credential can read the repo."""
     assert context.mirror is not None
     raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
+    exchange.request_sent = True  # the client owes nothing more: a long fill is not a client gone quiet
     body = _inflated(raw, request.headers.get("Content-Encoding"))
-    if body is not None and not is_pack_request(body):
+    if body is not None and not await asyncio.to_thread(is_pack_request, body):
         return raw  # ls-refs: the refs are upstream's, at this moment, like info/refs
     exchange.mirror = "bypass"
     source = context.sources[route.entry.id] if route.entry else None
@@ -333,7 +341,7 @@ async def _serve_from_mirror(
     answer = None
     if body is not None and await _read_proven(route, credential, context):
         answer = await context.mirror.answer_pack(
-            route.repo, body, request.headers.get("Git-Protocol"), route.repo_url, credential
+            route.matched, body, request.headers.get("Git-Protocol"), route.repo_url, credential
         )
     context.metrics.mirror_requests.labels(answer.outcome if answer else "bypass").inc()
     if answer is None:
@@ -399,12 +407,14 @@ async def _stream_mirror_answer(
     exchange.status = 200
     try:
         await response.prepare(request)
+        exchange.answering = True
         async for chunk in answer.chunks:
             await response.write(chunk)
             exchange.bytes_out += len(chunk)
         await response.write_eof()
-    except ConnectionResetError:
-        log.info("client closed the connection after %d bytes from the mirror", exchange.bytes_out)
+    except ConnectionError:  # aiohttp's "Connection lost" too: a client that hung up, or was cut for stalling
+        if not exchange.aborted:
+            log.info("client closed the connection after %d bytes from the mirror", exchange.bytes_out)
     except Exception:
         # The status line is out: git must see a broken transfer, never a truncated pack taken for a whole one.
         log.exception("mirror answer failed after %d bytes; aborting the client connection", exchange.bytes_out)
@@ -518,15 +528,16 @@ async def _stream_back(
     """Copy the body as it arrives; memory holds one chunk at a time whatever the repo size. True when the whole
     response reached the client."""
     await response.prepare(request)
+    exchange.answering = True
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
             exchange.bytes_out += len(chunk)
         await response.write_eof()
         return True
-    # ConnectionResetError first: aiohttp's ClientConnectionResetError is also a ClientError, and a client
-    # that hangs up mid-clone (Ctrl-C) is routine, not an upstream failure worth a traceback.
-    except ConnectionResetError:
+    # ConnectionError first: aiohttp's ClientConnectionResetError is also a ClientError, and a client that hangs
+    # up mid-clone (Ctrl-C), or is cut for going quiet, is routine, not an upstream failure worth a traceback.
+    except ConnectionError:
         if not exchange.aborted:
             log.info("client closed the connection after %d bytes", exchange.bytes_out)
     except (aiohttp.ClientError, TimeoutError) as error:

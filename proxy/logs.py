@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -86,15 +87,19 @@ class RedactingFilter(logging.Filter):
 class AuditRedactingFilter(RedactingFilter):
     """Audit lines are JSON documents: their values are redacted one by one and the document serialised again,
     so that a redaction can never cut through JSON syntax (a quote, a brace) and leave a line that fails to
-    parse. A message that is not JSON is redacted as text."""
+    parse. The redacted fields also go on the record as `audit`, so the formatters can lay them out as the other
+    lines are (JSON with `level` and `logger`, or text). A message that is not JSON is redacted as text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             document = json.loads(record.getMessage())
         except (ValueError, TypeError):
             return super().filter(record)
-        record.msg = json.dumps(self._redact_values(document), separators=(",", ":"))
+        redacted = self._redact_values(document)
+        record.msg = json.dumps(redacted, separators=(",", ":"))
         record.args = None
+        if isinstance(redacted, dict):
+            record.audit = redacted
         return True
 
     def _redact_values(self, value: object) -> object:
@@ -113,14 +118,79 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger [request id]: message`; a line outside any request has no `[...]` (never `[None]`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        request_id = self._request_id_of(record)
+        tag = f" [{request_id}]" if request_id else ""
+        return f"{record.asctime} {record.levelname} {record.name}{tag}: {self._text_of(record)}"
+
+    def _request_id_of(self, record: logging.LogRecord) -> object:
+        return getattr(record, "request_id", None)
+
+    def _text_of(self, record: logging.LogRecord) -> str:
+        return record.message
+
+
+class AuditTextFormatter(TextFormatter):
+    """An audit line for a terminal: `GET github.com acme/app upload-pack 200 bytes_in=... duration_ms=...`."""
+
+    _LEAD = ("method", "host", "repo", "service", "status")
+    _SKIPPED = frozenset({"ts", "request_id", *_LEAD})  # the time and the id are already in the line's prefix
+
+    def _request_id_of(self, record: logging.LogRecord) -> object:
+        audit = getattr(record, "audit", None)
+        return audit.get("request_id") if isinstance(audit, dict) else None
+
+    def _text_of(self, record: logging.LogRecord) -> str:
+        audit = getattr(record, "audit", None)
+        if not isinstance(audit, dict):
+            return record.message
+        lead = [str(audit[key]) for key in self._LEAD if audit.get(key) is not None]
+        rest = [f"{key}={_text_value(value)}" for key, value in audit.items() if key not in self._SKIPPED]
+        return " ".join(lead + [item for item in rest if not item.endswith("=None")])
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+_JSON_FIELDS = "%(levelname)s %(name)s %(message)s %(request_id)s"
+_JSON_RENAMES = {"levelname": "level", "name": "logger"}
+
+
+class AuditJsonFormatter(JsonFormatter):
+    """An audit line as JSON: the `level` and `logger` fields every line has, then the audit fields themselves
+    (not a JSON document quoted inside `message`)."""
+
+    def __init__(self) -> None:
+        super().__init__(_JSON_FIELDS, rename_fields=_JSON_RENAMES, timestamp="ts")
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_data, record, message_dict)
+        audit = log_data.pop("audit", None)
+        if isinstance(audit, dict):
+            log_data.pop("message", None)
+            log_data.update(audit)
+
+
 def _formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
-        return JsonFormatter(
-            "%(levelname)s %(name)s %(message)s %(request_id)s",
-            rename_fields={"levelname": "level", "name": "logger"},
-            timestamp="ts",  # ISO 8601, UTC
-        )
-    return logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+        return JsonFormatter(_JSON_FIELDS, rename_fields=_JSON_RENAMES, timestamp="ts")  # ts: ISO 8601, UTC
+    return TextFormatter()
+
+
+def _audit_formatter(log_format: str) -> logging.Formatter:
+    return AuditJsonFormatter() if log_format == "json" else AuditTextFormatter()
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_format: str = "text") -> Redactor:
@@ -135,9 +205,10 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), log_form
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiocache").setLevel(logging.WARNING)  # it logs every cache get at DEBUG
-    # Audit lines are JSON documents on their own lines, for log shippers; redacted all the same.
+    # Audit lines go to a handler of their own, for log shippers: laid out like every other line, in the same
+    # format, and redacted all the same.
     audit = logging.StreamHandler(sys.stderr)
-    audit.setFormatter(logging.Formatter("%(message)s"))
+    audit.setFormatter(_audit_formatter(log_format))
     audit.addFilter(AuditRedactingFilter(redactor))
     audit_logger = logging.getLogger("git_token_proxy.audit")
     audit_logger.handlers[:] = [audit]

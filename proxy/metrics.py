@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
 from .errors import AppNotInstalled, CredentialError, JwtRejected, RateLimited
 
@@ -29,8 +29,14 @@ class Metrics:
     """One per process, in its own registry (no global state), passed to whoever records something."""
 
     def __init__(self) -> None:
+        # Every counter and histogram would get a `_created` twin holding its creation time: twice the series of a
+        # scrape, for a number no alert uses. prometheus_client's switch is process-wide; it is set before the
+        # first metric exists, so every registry of the process gets the same exposition.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library ships it without hints
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The standard process_* series (CPU, resident memory, open fds, start time), as every Python exporter has.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "git_token_proxy_requests", "Requests by git service and status class", ["service", "status_class"],
             registry=r,

@@ -196,10 +196,16 @@ class Router:
         return list(self._upstreams)
 
     def resolve_route(self, method: str, raw_path: str, query_string: str) -> Route:
-        host, repo_path, endpoint_segments, endpoint = _split_path(raw_path)
+        try:
+            host, repo_path, endpoint_segments, endpoint = _split_path(raw_path)
+        except NotAGitEndpoint:
+            # `/acme/app.git/info/refs` (no host) or `/github.comacme/app.git/...` (a missing slash) end here too:
+            # their endpoint only looks wrong because the host is. Saying so is the message that helps.
+            self._refuse_unknown_host(raw_path[1:].split("/")[0])
+            raise
         upstream = self._upstreams.get(host.lower())
         if upstream is None:
-            raise HostNotAllowed(f"host {host!r} is not an allowed upstream of this proxy")
+            raise self._host_refusal(host)
         if method not in endpoint.methods:
             raise MethodNotAllowed(f"{method} is not allowed on {'/'.join(endpoint_segments)}")
         service, query = _service_and_query(endpoint, query_string)
@@ -211,6 +217,26 @@ class Router:
         matched = f"{upstream.host}/{'/'.join(repo_path)}".removesuffix(".git")
         return Route(
             upstream, repo, entry, service, endpoint, f"{url}?{query}" if query else url, f"/{host}", matched, repo_url
+        )
+
+    def _refuse_unknown_host(self, host: str) -> None:
+        if host.lower() not in self._upstreams:
+            raise self._host_refusal(host)
+
+    def _host_refusal(self, host: str) -> HostNotAllowed:
+        """Names the hosts there are and the form paths take, since the likeliest cause is an insteadOf rule."""
+        hosts = list(self._upstreams)
+        known = ", ".join(hosts) or "none"
+        example = hosts[0] if hosts else "github.com"
+        glued = next((h for h in hosts if host.lower().startswith(h) and len(host) > len(h)), None)
+        hint = (
+            f"a slash is missing after {glued!r}: the insteadOf URL must end with '/{glued}/'"
+            if glued
+            else f"paths start with the host, /{example}/<owner>/<repo>.git"
+        )
+        return HostNotAllowed(
+            f"host {host!r} is not an allowed upstream of this proxy (configured: {known}); {hint}, as in "
+            f'git config --global url."http://<this proxy>/{example}/".insteadOf "https://{example}/"'
         )
 
     def match_entry(self, host: str, repo_path: Sequence[str]) -> tuple[AuthEntry | None, RepoRef]:
@@ -234,6 +260,9 @@ def _split_path(raw_path: str) -> tuple[str, tuple[str, ...], tuple[str, ...], E
     if not _HOST_SEGMENT.match(host):
         raise BadRequestPath(f"{host!r} is not a host; use /<host>/<owner>/<repo>.git")
     for segment in rest:
+        if not segment:
+            # `//`: an insteadOf rule whose two URLs do not both end with a slash.
+            raise BadRequestPath("empty path segment (//): both URLs of an insteadOf rule must end with '/'")
         if not _SEGMENT.match(segment) or segment in (".", ".."):
             raise BadRequestPath(f"path segment {segment!r} is not allowed")
     for length in range(len(rest) - 1, 1, -1):  # the shortest endpoint suffix after at least owner/repo

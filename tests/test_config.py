@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import (
     CONFIG_MAX_BYTES,
@@ -21,6 +22,7 @@ from proxy.config import (
     parse_config,
     parse_duration,
 )
+from proxy.testing import pkcs1_pem
 
 
 def entry(**fields: Any) -> dict[str, Any]:
@@ -133,10 +135,10 @@ def test_example_config_documents_a_valid_config(monkeypatch: pytest.MonkeyPatch
 
     import yaml
 
-    monkeypatch.setenv("CI_BOT_TOKEN", "x")
+    monkeypatch.delenv("CI_BOT_TOKEN", raising=False)  # the static-token example is commented out: not needed
     data = yaml.safe_load((pathlib.Path(__file__).parent.parent / "config.example.yaml").read_text())
     config = parse_config(data)
-    assert [entry.type for entry in config.auth] == ["GITHUB_APP_INSTALLATION", "OAUTH_TOKEN"]
+    assert [entry.type for entry in config.auth] == ["GITHUB_APP_INSTALLATION"]
 
 
 def test_non_loopback_bind_needs_clients_or_an_explicit_opt_out() -> None:
@@ -332,3 +334,53 @@ def test_a_config_error_never_echoes_a_value_from_the_environment(where: str, mo
         parse_config(data)
     assert secret[:20] not in str(raised.value)
     assert where.split(".")[0] in str(raised.value)  # still names the key to fix
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "team.json").write_text('{"githubAppInstallation": {"clientId": "Iv2", "privateKey": "/k.pem", '
+                                      '"urlPattern": "(?<baseUrl>github\\\\.com)/team/.*"}}')  # fmt: skip
+    config_path = config_file(
+        folder,
+        "github:\n  appInstallation:\n    secretFiles: [team.json]\n    auth:\n"
+        "      - id: a\n        type: github_app_installation\n        clientId: Iv1\n"
+        "        urlPattern: '(?<baseUrl>github\\.com)/acme/.*'\n        privateKey: keys/a.pem\n"
+        "      - id: b\n        type: github_app_installation\n        clientId: Iv1\n"
+        "        urlPattern: '(?<baseUrl>github\\.com)/b/.*'\n        privateKey: /abs/b.pem\n",
+    )
+    monkeypatch.chdir(tmp_path)  # not the config's folder: the folder of the file decides
+    config = load_config(config_path.relative_to(tmp_path))
+    keys = [entry.private_key.get_secret_value() for entry in config.auth if isinstance(entry, GitHubAppEntry)]
+    assert keys == [str(folder / "keys" / "a.pem"), "/abs/b.pem", "/k.pem"]
+    assert config.github.app_installation.secret_files == [folder / "team.json"]
+
+
+def test_an_inline_key_is_left_as_it_is(app_key: rsa.RSAPrivateKey) -> None:
+    pem = pkcs1_pem(app_key)
+    config = parse_config(with_auth(app_entry(privateKey=pem)), config_folder=Path("/etc"))
+    (entry,) = config.auth
+    assert isinstance(entry, GitHubAppEntry) and entry.private_key.get_secret_value() == pem
+
+
+def test_an_empty_variable_as_a_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACME_KEY", "")
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_auth(app_entry(privateKey="${ACME_KEY}")))
+    assert str(refused.value) == (
+        "config: invalid configuration: github.appInstallation.auth[0].privateKey: privateKey is empty: give the "
+        "path to the app's .pem, or the PEM itself (${ACME_KEY} is set but empty)"
+    )
+
+
+def test_a_regex_in_double_quotes_gets_the_single_quote_hint(tmp_path: Path) -> None:
+    path = config_file(tmp_path, 'github:\n  appInstallation:\n    auth:\n      - urlPattern: "github\\.com"\n')
+    with pytest.raises(ConfigError, match="in double quotes YAML reads backslashes itself: write patterns in single"):
+        load_config(path)
+
+
+def test_a_ca_file_without_a_certificate_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a certificate\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file(tmp_path, "tls:\n  caFile: ca.pem\n"))
+    assert f"tls.caFile: {tmp_path}/ca.pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)" in str(refused.value)

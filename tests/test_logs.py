@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import logs
 from proxy.logs import AuditRedactingFilter, RedactingFilter, Redactor, sanitise_for_client
 
 SECRETS_IN_LINES = [
@@ -100,3 +101,47 @@ def test_messages_for_git_are_one_bounded_redacted_line() -> None:
     assert "\x1b" not in shown and "\n" not in shown
     assert "ghs_abcdefghijklmnop" not in shown and "eyJa.eyJb" not in shown
     assert len(shown) <= 1000
+
+
+def audit_line(log_format: str, record: dict[str, object]) -> str:
+    """One audit record through the handler `configure_logging` installs, as the proxy writes them."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs._audit_formatter(log_format))
+    handler.addFilter(AuditRedactingFilter(Redactor()))
+    logger = logging.getLogger(f"git_token_proxy.audit.test.{log_format}")
+    logger.setLevel(logging.INFO)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.info("%s", json.dumps(record))
+    return stream.getvalue().strip()
+
+
+AUDIT = {"ts": "2025-01-01T00:00:00.000+00:00", "request_id": "ab12", "client": None, "method": "GET",
+         "host": "github.com", "repo": "acme/app", "service": "upload-pack", "status": 200, "bytes_in": 0,
+         "bytes_out": 42, "entry": "acme-app", "token": "cached", "reason": "a reason with spaces"}  # fmt: skip
+
+
+def test_json_audit_lines_are_built_by_the_formatter_with_level_and_logger() -> None:
+    line = json.loads(audit_line("json", AUDIT))
+    assert line["level"] == "INFO" and line["logger"] == "git_token_proxy.audit.test.json"
+    assert {key: line[key] for key in AUDIT} == AUDIT  # the audit fields themselves, at the top level
+    assert "message" not in line
+
+
+def test_text_audit_lines_are_text() -> None:
+    line = audit_line("text", AUDIT)
+    assert line.endswith(
+        "INFO git_token_proxy.audit.test.text [ab12]: GET github.com acme/app upload-pack 200 bytes_in=0 bytes_out=42 "
+        'entry=acme-app token=cached reason="a reason with spaces"'
+    )
+    assert "client=" not in line and "{" not in line  # nothing null, nothing JSON
+
+
+def test_text_lines_outside_a_request_have_no_request_id() -> None:
+    record = logging.LogRecord("git_token_proxy", logging.INFO, __file__, 1, "started", None, None)
+    record.request_id = None
+    line = logs.TextFormatter().format(record)
+    assert line.endswith("INFO git_token_proxy: started") and "None" not in line
+    record.request_id = "ci-job-42"
+    assert logs.TextFormatter().format(record).endswith("INFO git_token_proxy [ci-job-42]: started")

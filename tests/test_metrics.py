@@ -141,3 +141,16 @@ async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
         assert await ready_within(2)  # within two probe intervals and some slack
     finally:
         await runner.cleanup()
+
+
+def test_no_created_twins_and_the_process_collector() -> None:
+    """`_created` series double a scrape for nothing; the standard process_* series are expected by dashboards."""
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.requests.labels("upload-pack", "2xx").inc()
+    text = generate_latest(metrics.registry).decode()
+    assert "git_token_proxy_requests_total" in text and "_created" not in text
+    assert "process_resident_memory_bytes" in text and "process_start_time_seconds" in text

@@ -21,7 +21,6 @@ from proxy.credentials import Credential
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror, MirrorAnswer, is_pack_request
 from proxy.mirror.pktline import NotAPackRequest, parse_pack_request
-from proxy.routing import RepoRef
 from proxy.testing import FakeGitHub, git_env, run_git_sync
 from tests.conftest import Git
 
@@ -94,9 +93,9 @@ async def mirror(make_mirror: Any) -> Mirror:
     return made
 
 
-def repo_ref(full_name: str) -> RepoRef:
-    owner, name = full_name.split("/")
-    return RepoRef("github.com", owner, name)
+def repo_ref(full_name: str) -> str:
+    """The repo as routing matches it (`Route.matched`): what the mirror is keyed by."""
+    return f"github.com/{full_name}"
 
 
 def upstream_url(fake: FakeGitHub, full_name: str) -> str:
@@ -321,9 +320,20 @@ async def test_wants_upstream_cannot_give_and_refusals_go_upstream(
     assert await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(unknown), "version=2", url, credential) is None
     assert fetches(metrics, "ok") == 1  # the mirror was made; upstream just does not have that object
 
+    # Asked again at once, an id upstream lacks costs no further fetch: the request just goes upstream.
+    again = "9876543210" * 4
+    assert await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(again), "version=2", url, credential) is None
+    assert fetches(metrics, "ok") == 1 and fetches(metrics, "failed") == 0
+
+    fake_github.create_repo("acme/other", FILES)
+    other = upstream_url(fake_github, "acme/other")
+    first = await mirror.answer_pack(repo_ref("acme/other"), v2_fetch(head_of(fake_github, "acme/other")),
+                                     "version=2", other, credential)  # fmt: skip
+    assert first is not None
+    await first.close()
     del fake_github.grants[TOKEN]  # revoked: the fetch a new commit needs fails
-    new = commit_upstream(fake_github, "acme/app", "new.txt", b"new\n")
-    assert await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(new), "version=2", url, credential) is None
+    new = commit_upstream(fake_github, "acme/other", "new.txt", b"new\n")
+    assert await mirror.answer_pack(repo_ref("acme/other"), v2_fetch(new), "version=2", other, credential) is None
     assert fetches(metrics, "failed") == 1
 
 
@@ -539,7 +549,7 @@ class MiniForward:
         if request.match_info["endpoint"] == "git-upload-pack":
             body = zlib.decompress(raw, wbits=31) if request.headers.get("Content-Encoding") == "gzip" else raw
             answer = await self.mirror.answer_pack(
-                RepoRef("github.com", owner, repo), body, request.headers.get("Git-Protocol"),
+                f"github.com/{owner}/{repo}", body, request.headers.get("Git-Protocol"),
                 f"{self.fake.url}/{owner}/{repo}.git", self.credential,
             )  # fmt: skip
             if not body.startswith(b"0014command=ls-refs"):  # refs always come from upstream: not a bypass

@@ -196,3 +196,30 @@ def test_upstream_url_with_port_and_path() -> None:
     route = router.resolve_route("GET", "/ghe.local:8443/o/r.git/info/refs", INFO_REFS)
     assert route.url == "http://10.0.0.5:8080/git/o/r.git/info/refs?service=git-upload-pack"
     assert str(route.repo) == "ghe.local:8443/o/r"
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [("/acme/app.git/info/refs", ["host 'acme' is not an allowed upstream", "(configured: github.com, "
+      "git.company.local)", "paths start with the host, /github.com/<owner>/<repo>.git",
+      'url."http://<this proxy>/github.com/".insteadOf "https://github.com/"']),
+     ("/github.comacme/app.git/info/refs", ["host 'github.comacme'", "a slash is missing after 'github.com': the "
+      "insteadOf URL must end with '/github.com/'"]),
+     ("/evil.example/a/b/info/refs", ["host 'evil.example' is not an allowed upstream"])],
+)  # fmt: skip
+def test_a_path_with_the_wrong_host_says_so_even_when_its_endpoint_looks_wrong(path: str, says: list[str]) -> None:
+    """Before, `/acme/app.git/info/refs` was "only git smart-HTTP endpoints are proxied": it *was* info/refs."""
+    with pytest.raises(HostNotAllowed) as refused:
+        make_router().resolve_route("GET", path, INFO_REFS)
+    for text in says:
+        assert text in str(refused.value)
+
+
+def test_a_known_host_with_a_wrong_endpoint_is_still_an_endpoint_error() -> None:
+    with pytest.raises(NotAGitEndpoint):
+        make_router().resolve_route("GET", "/github.com/acme/app/blob/main/README.md", "")
+
+
+def test_an_empty_segment_names_the_insteadof_rule() -> None:
+    with pytest.raises(BadRequestPath, match="empty path segment \\(//\\): both URLs of an insteadOf rule"):
+        make_router().resolve_route("GET", "/github.com//acme/app/info/refs", INFO_REFS)

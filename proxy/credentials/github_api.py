@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -17,7 +18,15 @@ import jwt
 from multidict import CIMultiDictProxy
 
 from .. import __version__
-from ..errors import GitHubRefused, GitHubUnavailable, InstallationGone, JwtRejected, MalformedAnswer, RateLimited
+from ..errors import (
+    CredentialError,
+    GitHubRefused,
+    GitHubUnavailable,
+    InstallationGone,
+    JwtRejected,
+    MalformedAnswer,
+    RateLimited,
+)
 from .answers import (
     MAX_BODY,
     MAX_SKEW,
@@ -116,6 +125,16 @@ class GitHubAppApi:
         answer = await self._call("GET", f"/repos/{owner}/{repo}/installation")
         return None if answer.status == 404 else self._installation_id(answer, f"{owner}/{repo}")
 
+    async def installation_permissions(self, owner: str) -> dict[str, str] | None:
+        """The permissions the app's installation on `owner` holds, for a message only: None when they cannot be
+        had, and never an error (the refusal being explained is the error)."""
+        with contextlib.suppress(CredentialError):
+            for kind in ("orgs", "users"):
+                answer = await self._call("GET", f"/{kind}/{owner}/installation")
+                if answer.status != 404:
+                    return _permissions_in(answer) if answer.status == 200 else None
+        return None
+
     def _installation_id(self, answer: _Answer, where: str) -> int:
         what = f"the installation look-up of {self.entry_id!r} for {where}"
         if answer.status != 200:
@@ -211,7 +230,8 @@ class GitHubAppApi:
                 if not skew_retried and self._learn_skew(answer):
                     skew_retried = True
                     continue
-                raise JwtRejected(f"GitHub rejected the JWT for {self.entry_id!r}: {answer.message}")
+                hint = _jwt_hint(answer.message, self.issuer)
+                raise JwtRejected(f"GitHub rejected the JWT for {self.entry_id!r}: {answer.message}{hint}")
             if await self._waited_out_rate_limit(answer, tries, deadline):
                 continue
             location = answer.headers.get("Location", "")
@@ -281,6 +301,37 @@ def _message_of(status: int, body: bytes | None) -> str:
         data = None
     message = data.get("message") if isinstance(data, dict) else None
     return sanitise_message(message) if isinstance(message, str) and message.strip() else f"HTTP {status}"
+
+
+def _issuer_text(issuer: str) -> str:
+    return f"appId {issuer}" if issuer.isdigit() else f"clientId {issuer!r}"
+
+
+def _jwt_hint(message: str, issuer: str) -> str:
+    """GitHub's words stay; what they mean for this config follows them."""
+    if "could not be decoded" in message:
+        return (
+            f" (the private key does not belong to the app with {_issuer_text(issuer)}: use that app's key, "
+            "from its settings page, or fix clientId/appId)"
+        )
+    if "Integration not found" in message:
+        return (
+            f" (no GitHub App has {_issuer_text(issuer)}: copy the Client ID from the app's settings page, "
+            "and check apiUrl for GitHub Enterprise)"
+        )
+    return ""
+
+
+def _permissions_in(answer: _Answer) -> dict[str, str] | None:
+    """`permissions` of an installation answer, read leniently: it only goes into a message."""
+    try:
+        data = json.loads(answer.body or b"")
+    except (ValueError, RecursionError):
+        return None
+    permissions = data.get("permissions") if isinstance(data, dict) else None
+    if not isinstance(permissions, dict):
+        return None
+    return {sanitise_message(str(k))[:50]: sanitise_message(str(v))[:20] for k, v in list(permissions.items())[:50]}
 
 
 async def _backoff(tries: int, deadline: float) -> bool:

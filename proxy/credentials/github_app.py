@@ -9,6 +9,7 @@ selected" apart is worth one call per run (GitHubAppApi.find_repo_installation).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -44,6 +45,13 @@ MINTS_PER_TOKEN_PER_MINUTE = 3
 # A mint answer that cannot be used means a token was made and lost: the next mint waits, doubling up to 5 min.
 MALFORMED_MINT_PAUSE, MAX_MALFORMED_MINT_PAUSE = 5.0, 300.0
 LIVENESS_PERIOD = 60.0  # one liveness check per token per minute, whatever the number of 404s
+
+
+NOT_GRANTED = "permissions requested are not granted"  # GitHub's words when a mint asks for too much
+
+
+def _permission_text(permissions: dict[str, str]) -> str:
+    return ", ".join(f"{name}:{level}" for name, level in sorted(permissions.items())) or "no permissions"
 
 
 class _NotInstalled(enum.Enum):
@@ -82,6 +90,8 @@ class GitHubAppSource:
         self._checked: BoundedDict[str, float] = BoundedDict(max_entries)  # token digest → last liveness check
         self._checks: SingleFlight[bool] = SingleFlight()
         self._permissions = entry.token_permissions
+        self._app_slug: str | None = None  # from GET /app, to name the app in refusals; asked at most once
+        self._app_slug_asked = False
         # The scope is part of the cache key: a read-only token must never serve a request that wanted more. So is
         # the key's fingerprint: a rotated key mints anew, even with installationId set and the cache shared.
         scope = ",".join(f"{name}:{level}" for name, level in sorted((self._permissions or {}).items()))
@@ -138,6 +148,7 @@ class GitHubAppSource:
         """A reload: whatever went wrong is asked about again at once. Rate-limit windows, "not installed"
         answers, look-up budgets, paused mints and liveness results are forgotten."""
         self._api.forget_failures()
+        self._app_slug_asked = self._app_slug is not None
         self._not_installed.clear()
         # Not the heal backoff: a reload does not make a rejecting upstream accept tokens, and a file rewritten
         # often (or SIGHUP in a loop) must not bring the heal storm back.
@@ -184,9 +195,21 @@ class GitHubAppSource:
         if known is NOT_INSTALLED:
             raise AppNotInstalled(
                 f"GitHub App {self.entry_id!r} is not installed on {repo.full_name} (or cannot see it)"
+                f"{await self._app_named()}; this answer is remembered for up to {NOT_INSTALLED_TTL:.0f} s: install "
+                f"the app on {repo.owner} (or add the repo to its selection), then reload the proxy (SIGHUP) to "
+                "retry at once"
             )
         assert isinstance(known, int)
         return known
+
+    async def _app_named(self) -> str:
+        """` (app 'acme-ci')`: the entry id is the operator's name, the slug is the one GitHub's pages show. One
+        GET /app the first time a refusal needs it (the JWT works, or the look-up would have failed), then none."""
+        if not self._app_slug_asked:
+            self._app_slug_asked = True
+            with contextlib.suppress(CredentialError):  # only a nicer message was at stake
+                self._app_slug = str((await self._api.get_app())["slug"])
+        return f" (app {self._app_slug!r})" if self._app_slug else ""
 
     async def _known(self, owner: str) -> int | _NotInstalled | None:
         if (installation_id := await self._installations.get(owner)) is not None:
@@ -265,6 +288,8 @@ class GitHubAppSource:
             if isinstance(error, MalformedAnswer):
                 self._mint_pauses.failed(key, str(error))
             self._metrics.mint_failed(self.entry_id, error)
+            if isinstance(error, GitHubRefused) and NOT_GRANTED in str(error) and self._permissions:
+                raise await self._explain_not_granted(error, repo) from None
             raise
         self._mint_pauses.succeeded(key)
         self._metrics.mints.labels(self.entry_id).inc()
@@ -283,6 +308,18 @@ class GitHubAppSource:
             expires=expires,
             refresh_at=refresh_at,
             permissions=minted.permissions,
+        )
+
+    async def _explain_not_granted(self, error: GitHubRefused, repo: RepoRef) -> GitHubRefused:
+        """GitHub says only "not granted": name what was asked and what the installation has, so that the fix
+        (grant it in the app's settings and accept it on the installation, or ask for less) is plain. Bounded by
+        the mint budget like the mint itself."""
+        asked = _permission_text(self._permissions or {})  # never empty: only an entry that asks gets here
+        granted = await self._api.installation_permissions(repo.owner)
+        has = _permission_text(granted) if granted is not None else "permissions that could not be read"
+        return GitHubRefused(
+            f"{error} Asked for {asked}; the installation on {repo.owner}{await self._app_named()} has {has}: grant "
+            "the permission in the app's settings (and accept it on the installation), or ask for less"
         )
 
     def _refuse_if_paused(self, key: str) -> None:

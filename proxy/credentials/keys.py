@@ -13,6 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..config import ConfigError
 from ..files import read_regular_file
+from ..pem import base64_pem, key_file_of, normalise_pem
+
+__all__ = ["AppKey", "fingerprint_of", "key_file_of", "load_app_key", "normalise_pem"]
 
 MAX_KEY_FILE = 64 * 1024  # a 4096-bit PEM is about 3.3 KiB; anything much larger is not a key
 
@@ -26,17 +29,11 @@ class AppKey:
         return f"AppKey({self.fingerprint})"
 
 
-def normalise_pem(text: str) -> bytes:
-    """Undo what config files, env vars and copy-paste do to a PEM: quotes, literal \\n, CRLF, indentation."""
-    text = text.strip().strip("'\"").replace("\\r", "").replace("\\n", "\n").replace("\r\n", "\n")
-    return ("\n".join(line.strip() for line in text.strip().splitlines()) + "\n").encode()
-
-
 def load_app_key(entry_id: str, value: str) -> AppKey:
     """`value` is the PEM itself, the PEM base64-encoded (as Kubernetes Secrets hold it), or a path to a file."""
     if "-----BEGIN" in value:
         source, pem = "inline privateKey", normalise_pem(value)
-    elif (decoded := _base64_pem(value)) is not None:
+    elif (decoded := base64_pem(value)) is not None:
         source, pem = "inline base64 privateKey", normalise_pem(decoded)
     else:
         source, pem = _read_key_file(entry_id, value)
@@ -44,30 +41,17 @@ def load_app_key(entry_id: str, value: str) -> AppKey:
     return AppKey(key, fingerprint_of(key))
 
 
-def key_file_of(value: str) -> Path | None:
-    """The file a privateKey value names, or None when the value is the key itself (PEM or base64 PEM)."""
-    if "-----BEGIN" in value or _base64_pem(value) is not None:
-        return None
-    return Path(value.strip()).expanduser()
-
-
-def _base64_pem(value: str) -> str | None:
-    try:
-        decoded = base64.b64decode("".join(value.split()), validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return decoded if "-----BEGIN" in decoded else None
-
-
 def _read_key_file(entry_id: str, value: str) -> tuple[str, bytes]:
     text = value.strip()
+    if not text:
+        raise ConfigError(f"auth entry {entry_id!r}: privateKey is empty (is the environment variable set?)")
     # Only something shaped like a path is ever repeated in a message: a mangled key must not end up in a log.
     if len(text) > 255 or not re.fullmatch(r"[\w./~@+:-]+", text):
         raise ConfigError(
             f"auth entry {entry_id!r}: privateKey is neither a PEM (-----BEGIN ... PRIVATE KEY-----), "
             "a base64-encoded PEM, nor a file path"
         )
-    path = Path(text).expanduser()
+    path = Path(text).expanduser().absolute()  # the full path in messages: which folder was it looked up in?
     try:
         return str(path), normalise_pem(read_regular_file(path, MAX_KEY_FILE).decode())
     except (OSError, UnicodeDecodeError) as error:

@@ -3,6 +3,7 @@ it lacks what a client wants. Refs and the right to read still come from upstrea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Literal
 from ..config import MirrorConfig
 from ..credentials import Credential
 from ..metrics import Metrics
-from ..routing import LinearPattern, RepoRef, compile_repo_pattern
+from ..routing import LinearPattern, compile_repo_pattern
 from .fill import MirrorFiller
 from .gitrun import MirrorGit
 from .maintenance import MirrorMaintenance
@@ -49,22 +50,23 @@ class Mirror:
         self._filler = MirrorFiller(self._store, self._git, metrics, self._maintenance.note_filled)
         self._serving: dict[UploadPack, MirrorSlot] = {}
 
-    def covers(self, repo: RepoRef) -> bool:
-        if MirrorStore.key_of(repo) is None:
+    def covers(self, matched: str) -> bool:
+        """`matched`: host, baseUrl path and owner/repo, as routing matched them (`Route.matched`)."""
+        if MirrorStore.key_of(matched) is None:
             return False
-        return not self._patterns or any(pattern.fullmatch(str(repo)) for pattern in self._patterns)
+        return not self._patterns or any(pattern.fullmatch(matched) for pattern in self._patterns)
 
     async def answer_pack(
-        self, repo: RepoRef, body: bytes, git_protocol: str | None, upstream_repo_url: str,
+        self, matched: str, body: bytes, git_protocol: str | None, upstream_repo_url: str,
         credential: Credential | None,
     ) -> MirrorAnswer | None:  # fmt: skip
         """The answer to a pack request (`body` already inflated), or None: send it upstream instead. None for
         anything but a fetch (ls-refs), wants the mirror cannot get, a broken mirror, a full disk."""
-        key = MirrorStore.key_of(repo)
-        if key is None or not self.covers(repo) or not upstream_repo_url.startswith(("https://", "http://")):
+        key = MirrorStore.key_of(matched)
+        if key is None or not self.covers(matched) or not upstream_repo_url.startswith(("https://", "http://")):
             return None
         try:
-            request = parse_pack_request(body)
+            request = await asyncio.to_thread(parse_pack_request, body)  # bounded, but pure Python: off the loop
         except NotAPackRequest as why:
             log.debug("mirror of %s passes a request upstream: %s", key, why)
             return None

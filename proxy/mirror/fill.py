@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..credentials import Credential
+from ..credentials.cache import BoundedDict
 from ..metrics import Metrics
 from .gitrun import MirrorGit, describe_failure
 from .store import MirrorSlot, MirrorStore
@@ -24,6 +25,10 @@ MIRROR_REFSPEC = "+refs/*:refs/*"
 CHECK_PAUSE_SECONDS = 600.0
 
 T = TypeVar("T")
+
+
+UNOBTAINABLE_FOR = 60.0  # how long a want that upstream did not send is not fetched for again
+REFILL_PAUSE = 5.0  # after a fetch that lacked wanted objects, the next waits this long (requests go upstream)
 
 
 class MirrorFiller:
@@ -40,19 +45,48 @@ class MirrorFiller:
         self._flights: dict[str, asyncio.Task[bool]] = {}
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._passed_check_at: dict[str, float] = {}
+        # (mirror, object id) -> when our own fetch did not bring it: client-driven, so bounded.
+        self._unobtainable: BoundedDict[tuple[str, str], float] = BoundedDict(10_000)
+        self._short_at: BoundedDict[str, float] = BoundedDict(10_000)  # mirror key -> when a fetch came up short
 
     async def fill(self, slot: MirrorSlot, wants: Sequence[str], url: str, credential: Credential | None) -> bool:
         """Fetch until the mirror holds every want; False when it cannot (the request then goes upstream)."""
+        if wants and all(self._unobtainable_lately(slot.key, want) for want in wants):
+            return False  # upstream did not send these a moment ago: no second round of fetches for them
+        if not self._in_flight(slot) and self._came_up_short_lately(slot.key):
+            # A fetch moments ago did not bring what its client wanted: until the pause ends, requests with
+            # missing wants go upstream, so a client sending ids upstream lacks costs one fetch per pause, not
+            # several per request. A fetch that brought everything sets no pause (a push, then a clone).
+            return False
         for _ in range(2):
             flight, joined = self._flight(slot, wants, url, credential)
             if not await _shared(flight, False):
                 return False
-            if not await self._git.missing_objects(slot.path, wants):
+            missing = await self._git.missing_objects(slot.path, wants)
+            if not missing:
                 return True
             if not joined:
-                return False  # our own fetch asked for these very objects, and upstream did not send them
+                # Our own fetch asked for these very objects, and upstream did not send them. Remembered a while,
+                # so that a client asking again and again for ids upstream lacks costs no fetch each time.
+                now = time.monotonic()
+                for want in missing:
+                    self._unobtainable[(slot.key, want)] = now
+                self._short_at[slot.key] = now
+                return False
             # The fetch we joined started before our client saw upstream's refs: one more, of our own.
         return False
+
+    def _came_up_short_lately(self, key: str) -> bool:
+        short_at = self._short_at.get(key)
+        return short_at is not None and time.monotonic() - short_at < REFILL_PAUSE
+
+    def _in_flight(self, slot: MirrorSlot) -> bool:
+        flight = self._flights.get(slot.key)
+        return flight is not None and not flight.done()
+
+    def _unobtainable_lately(self, key: str, want: str) -> bool:
+        seen = self._unobtainable.get((key, want))
+        return seen is not None and time.monotonic() - seen < UNOBTAINABLE_FOR
 
     def _flight(
         self, slot: MirrorSlot, wants: Sequence[str], url: str, credential: Credential | None
@@ -136,6 +170,7 @@ class MirrorFiller:
         passed_at = self._passed_check_at.get(slot.key)
         if passed_at is not None and time.monotonic() - passed_at < CHECK_PAUSE_SECONDS:
             return
+        log.info("mirror of %s: checking it (fsck) after a failure that looks like corruption", slot.key)
         check = asyncio.create_task(self._check(slot), name=f"mirror check {slot.key}")
         self._checks[slot.key] = check
         check.add_done_callback(functools.partial(_forget, self._checks, slot.key))

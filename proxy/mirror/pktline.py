@@ -13,6 +13,9 @@ _LENGTH = re.compile(rb"^[0-9a-fA-F]{4}$")
 _OBJECT_ID = re.compile(r"^[0-9a-f]{40}$")  # SHA-1: a mirror is created with git's default object format
 # A ref name as git allows it on the wire; anything else in a want-ref is not a request a mirror should guess at.
 _REF_NAME = re.compile(r"^refs/[A-Za-z0-9._/+-]{1,1000}$")
+# A real request lists wants and the client's haves: thousands of lines at most. Past this, a body built to make
+# the parser spin (millions of flushes compress into a few KiB) is passed upstream unread.
+MAX_LINES = 50_000
 
 
 class NotAPackRequest(ValueError):
@@ -34,8 +37,11 @@ class PackRequest:
 
 def pkt_lines(body: bytes) -> Iterator[str | bytes]:
     """Payloads as bytes (one trailing LF removed), or FLUSH/DELIM/RESPONSE_END; raises on broken framing."""
-    position = 0
+    position, count = 0, 0
     while position < len(body):
+        count += 1
+        if count > MAX_LINES:
+            raise NotAPackRequest(f"more than {MAX_LINES} pkt-lines")
         header = body[position : position + 4]
         if not _LENGTH.match(header):
             raise NotAPackRequest(f"bad pkt-line length {header!r} at byte {position}")

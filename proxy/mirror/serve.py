@@ -81,7 +81,18 @@ class UploadPack:
             stderr = await self._errors
             if self._failed and stderr.strip():
                 log.warning("mirror upload-pack failed: %s", stderr.decode(errors="replace").strip()[-500:])
-            self._on_end(self._failed and not killed)
+            # Only what looks like a broken mirror calls for fsck, which makes every reader of the repo wait: a
+            # malformed request (a bad filter spec, a protocol error) is the client's problem, not the mirror's.
+            self._on_end(self._failed and not killed and _looks_corrupt(stderr))
+
+
+_CORRUPTION = (b"missing", b"corrupt", b"bad object", b"unable to read", b"packfile", b"loose object",
+               b"not a valid", b"did not send all necessary objects", b"is not a commit", b"bad tree")  # fmt: skip
+
+
+def _looks_corrupt(stderr: bytes) -> bool:
+    text = stderr.lower()
+    return any(sign in text for sign in _CORRUPTION)
 
 
 async def start_upload_pack(

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..routing import RepoRef
-
 log = logging.getLogger("git_token_proxy.mirror")
 
 # Touched whenever a mirror serves, so that least-recently-used survives a restart. Inside the bare repo, where
@@ -65,11 +63,14 @@ class MirrorStore:
     # ------------------------------------------------------------ layout
 
     @staticmethod
-    def key_of(repo: RepoRef) -> str | None:
-        parts = (repo.host.lower(), repo.owner.lower(), repo.name.lower())
-        if not all(_PART.match(part) and part not in (".", "..") for part in parts):
+    def key_of(matched: str) -> str | None:
+        """host/owner/name for the repo as routing matched it (`Route.matched`). A baseUrl path, or an anonymous
+        path deeper than owner/repo, folds into the owner level joined by `+`, which no path segment can hold: one
+        mirror per upstream repo, never shared between `host/team-a/acme/app` and `host/team-b/acme/app`."""
+        parts = matched.lower().split("/")
+        if len(parts) < 3 or not all(_PART.match(part) and part not in (".", "..") for part in parts):
             return None  # routing refuses such names already; a path outside the root must be impossible here too
-        return "/".join(parts)
+        return "/".join((parts[0], "+".join(parts[1:-1]), parts[-1]))
 
     def slot(self, key: str) -> MirrorSlot:
         slot = self._slots.get(key)

@@ -1,0 +1,287 @@
+"""Env config: where `serve`, `check` and `healthcheck` get their config: a file, or one GitHub App described by
+GIT_TOKEN_PROXY_* variables (or the matching flags), as git-sync's GITSYNC_* and Argo CD's githubApp* fields do.
+
+Without a file, the config is one upstream (the GitHub URL's host) and one catch-all app entry for it, validated by
+the same models as a file, with messages that name the variable instead of a key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .config import Config, ConfigError, GitHubAppEntry, load_config, parse_config
+from .credentials.keys import load_app_key
+from .pem import key_file_of
+
+PREFIX = "GIT_TOKEN_PROXY_"
+ENTRY_ID = "github-app"  # the one entry's id, as logs, metrics and messages name it
+ENTRY_LOCATION = "github.appInstallation.auth[0]"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One setting: `GIT_TOKEN_PROXY_<name>` in the environment, `--<name>` on the command line (which wins)."""
+
+    name: str
+    help: str
+    location: str = ""  # the config key it becomes, for messages
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.name.lower()
+
+    @property
+    def label(self) -> str:
+        return f"{self.env} ({self.flag})"
+
+
+CLIENT_ID = Variable("CLIENT_ID", "the GitHub App's Client ID (Iv23li...)", f"{ENTRY_LOCATION}.clientId")
+APP_ID = Variable(
+    "APP_ID", "the app's numeric id, instead of a Client ID (GHES before 3.14)", f"{ENTRY_LOCATION}.appId"
+)
+PRIVATE_KEY = Variable(
+    "PRIVATE_KEY", "the app's private key: a path to the .pem, or the PEM itself", f"{ENTRY_LOCATION}.privateKey"
+)
+INSTALLATION_ID = Variable(
+    "INSTALLATION_ID", "skip the installation look-up (optional)", f"{ENTRY_LOCATION}.installationId"
+)
+GITHUB_URL = Variable("GITHUB_URL", "https://github.com (the default), or a GitHub Enterprise Server", "upstreams[0]")
+API_URL = Variable(
+    "API_URL", "the REST API (default: https://api.github.com, or <GITHUB_URL>/api/v3)", f"{ENTRY_LOCATION}.apiUrl"
+)
+READ_ONLY = Variable("READ_ONLY", "true: refuse pushes and mint contents:read tokens", f"{ENTRY_LOCATION}.readOnly")
+APP_VARIABLES = (CLIENT_ID, APP_ID, PRIVATE_KEY, INSTALLATION_ID, GITHUB_URL, API_URL, READ_ONLY)
+
+HOST = Variable("HOST", "listen on this address (default 127.0.0.1; overrides server.host)", "server.host")
+PORT = Variable("PORT", "listen on this port (default 8080; overrides server.port)", "server.port")
+METRICS_PORT = Variable("METRICS_PORT", "/metrics, /healthz and /readyz on a port of their own", "server.metricsPort")
+METRICS_HOST = Variable("METRICS_HOST", "the address of that port (default: the listen address)", "server.metricsHost")
+CONFIG = Variable("CONFIG", "a YAML config file: several apps, static tokens, access control")
+LISTEN_VARIABLES = (HOST, PORT, METRICS_PORT, METRICS_HOST)
+DEFAULT_GITHUB_URL = "https://github.com"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every variable; each help names its variable. Values are checked later, in one place."""
+    parser.add_argument(CONFIG.flag, metavar="FILE", help=f"{CONFIG.help} [{CONFIG.env}]")
+    for variable in (*LISTEN_VARIABLES, *APP_VARIABLES):
+        parser.add_argument(variable.flag, metavar="VALUE", help=f"{variable.help} [{variable.env}]")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and where it came from. `rendered` is the environment's config as YAML data whose
+    secret values are `${VAR}` references: a reload expands them again, and so never needs them written down."""
+
+    config: Config
+    path: Path | None  # the config file, if there is one
+    source: str  # the file's path, or "environment"
+    host: str
+    port: int
+    rendered: dict[str, Any] | None = None
+
+
+def client_address(host: str, port: int) -> str:
+    """How a client on this machine reaches a listener: a wildcard address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 (compared, not bound)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def settings_of(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[Variable, str]:
+    """Every variable that is set (a flag before the environment), stripped; empty values count as unset."""
+    found: dict[Variable, str] = {}
+    for variable in (CONFIG, *LISTEN_VARIABLES, *APP_VARIABLES):
+        value = getattr(args, variable.dest, None)
+        if value is None:
+            value = environ.get(variable.env)
+        if value is not None and value.strip():
+            found[variable] = value.strip()
+    return found
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> LoadedConfig:
+    """The config `serve` would run: from the file (`--config` or GIT_TOKEN_PROXY_CONFIG), or from the app
+    variables; never both, since one would silently lose."""
+    settings = settings_of(args, environ)
+    app_settings = [variable for variable in APP_VARIABLES if variable in settings]
+    file = settings.get(CONFIG)
+    if file and app_settings:
+        raise ConfigError(
+            f"{CONFIG.flag} (or {CONFIG.env}) cannot be combined with {', '.join(v.env for v in app_settings)}: "
+            "the file holds the auth entries. Describe the app in the file, or drop the file to run one app from "
+            f"the environment. ({HOST.env} and {PORT.env} work with both.)"
+        )
+    if file:
+        config = load_config(file)
+        host, port = _listen_address(settings, config)
+        return LoadedConfig(config, Path(file), file, host, port)
+    if not app_settings:
+        raise ConfigError(
+            f"no configuration: give {CONFIG.flag} FILE (or {CONFIG.env}), or describe one GitHub App with "
+            f"{CLIENT_ID.env} (or {APP_ID.env}) and {PRIVATE_KEY.env}"
+        )
+    rendered = render_app_config(settings, environ)
+    config = _parse_rendered(rendered)
+    host, port = _listen_address(settings, config)
+    return LoadedConfig(config, None, "environment", host, port, rendered)
+
+
+def _listen_address(settings: Mapping[Variable, str], config: Config) -> tuple[str, int]:
+    host = settings.get(HOST, config.server.host)
+    port = parse_port(settings[PORT], PORT.label) if PORT in settings else config.server.port
+    return host, port
+
+
+def parse_port(text: str, where: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ConfigError(f"{where}: {text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def _positive_id(text: str, variable: Variable) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise ConfigError(f"{variable.label}: {text!r} is not a positive integer id")
+    return int(text)
+
+
+def _flag(text: str, variable: Variable) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{variable.label}: {text!r} is not true or false")
+
+
+def _upstream(settings: Mapping[Variable, str]) -> dict[str, str]:
+    url = settings.get(GITHUB_URL, DEFAULT_GITHUB_URL).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
+        raise ConfigError(f"{GITHUB_URL.label}: {url!r} is not an http(s)://host[:port] URL")
+    return {"host": parts.netloc.lower(), "url": url}
+
+
+def _private_key(settings: Mapping[Variable, str], environ: Mapping[str, str]) -> str:
+    """A file path becomes absolute (a reload must find it from anywhere); a key given in the environment stays
+    a reference to its variable, so that the rendered config never holds it."""
+    value = settings.get(PRIVATE_KEY)
+    if value is None:
+        raise ConfigError(f"{PRIVATE_KEY.label} is required: the path to the app's .pem (or the PEM itself)")
+    file = key_file_of(value)
+    if file is not None:
+        return str(file.absolute())
+    from_environment = environ.get(PRIVATE_KEY.env, "").strip() == value
+    return f"${{{PRIVATE_KEY.env}}}" if from_environment else value
+
+
+def _app_entry(settings: Mapping[Variable, str], environ: Mapping[str, str], host: str) -> dict[str, Any]:
+    if CLIENT_ID not in settings and APP_ID not in settings:
+        raise ConfigError(
+            f"{CLIENT_ID.label} or {APP_ID.label} is required: the app's Client ID, from its settings page"
+        )
+    entry: dict[str, Any] = {
+        "id": ENTRY_ID,
+        "type": "GITHUB_APP_INSTALLATION",
+        # Every repo on the host: the app's installations decide which ones it can read.
+        "urlPattern": f"(?<baseUrl>{re.escape(host)})/.*",
+        "privateKey": _private_key(settings, environ),
+    }
+    if CLIENT_ID in settings:
+        entry["clientId"] = settings[CLIENT_ID]
+    if APP_ID in settings:
+        entry["appId"] = _positive_id(settings[APP_ID], APP_ID)
+    if INSTALLATION_ID in settings:
+        entry["installationId"] = _positive_id(settings[INSTALLATION_ID], INSTALLATION_ID)
+    if API_URL in settings:
+        entry["apiUrl"] = settings[API_URL]
+    if READ_ONLY in settings:
+        entry["readOnly"] = _flag(settings[READ_ONLY], READ_ONLY)
+    return entry
+
+
+def render_app_config(settings: Mapping[Variable, str], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The config file these settings stand for, as data."""
+    upstream = _upstream(settings)
+    server: dict[str, Any] = {}
+    if HOST in settings:
+        server["host"] = settings[HOST]
+    if PORT in settings:
+        server["port"] = parse_port(settings[PORT], PORT.label)
+    if METRICS_PORT in settings:
+        server["metricsPort"] = parse_port(settings[METRICS_PORT], METRICS_PORT.label)
+    if METRICS_HOST in settings:
+        server["metricsHost"] = settings[METRICS_HOST]
+    return {
+        "server": server,
+        "upstreams": [upstream],
+        "github": {"appInstallation": {"auth": [_app_entry(settings, environ, upstream["host"])]}},
+    }
+
+
+def _parse_rendered(rendered: dict[str, Any]) -> Config:
+    try:
+        return parse_config(rendered, "environment")
+    except ConfigError as error:
+        raise ConfigError(name_variables(str(error))) from None
+
+
+def name_variables(message: str) -> str:
+    """A message about the rendered config, told in the variables the user set."""
+    for variable in (*APP_VARIABLES, *LISTEN_VARIABLES):
+        if variable.location:
+            message = message.replace(f"{variable.location}.url", variable.label)
+            message = message.replace(variable.location, variable.label)
+    entry = f"auth entry {ENTRY_ID!r}: "
+    message = message.replace(f"{entry}cannot read privateKey file", f"{PRIVATE_KEY.label}: cannot read")
+    message = message.replace(f"{entry}privateKey", PRIVATE_KEY.label)
+    return message.replace(ENTRY_LOCATION, "the app").replace("environment: invalid configuration", "environment")
+
+
+def check_keys(loaded: LoadedConfig) -> None:
+    """Parses every key now, before anything is logged or bound: a bad key is the likeliest start-up mistake,
+    and its message should be the only line. The environment's key is named by its variable, not by the entry id
+    the user never wrote. (The app parses them again when it is built; a key takes a millisecond.)"""
+    for entry in loaded.config.auth:
+        if isinstance(entry, GitHubAppEntry):
+            try:
+                load_app_key(entry.id, entry.private_key.get_secret_value())
+            except ConfigError as error:
+                if loaded.rendered is None:
+                    raise
+                raise ConfigError(f"environment: {name_variables(str(error))}") from None
+
+
+def reloadable_path(loaded: LoadedConfig) -> Path:
+    """A path that `serve` can reload from, as it reloads a file on SIGHUP or `--watch`: the file itself, or
+    the environment's config written out. Its secrets stay `${VAR}` references, and on Linux it is written to
+    memory (memfd), not to a disk, so a read-only root filesystem is no obstacle."""
+    if loaded.path is not None:
+        return loaded.path
+    text = yaml.safe_dump(loaded.rendered, sort_keys=False).encode()
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("git-token-proxy-config")  # kept open for the life of the process
+        os.write(fd, text)
+        return Path(f"/proc/self/fd/{fd}")
+    handle, name = tempfile.mkstemp(prefix="git-token-proxy-", suffix=".yaml")  # 0600
+    with os.fdopen(handle, "wb") as file:
+        file.write(text)
+    atexit.register(os.unlink, name)
+    return Path(name)

@@ -1,0 +1,370 @@
+"""The first hour (issue 12), through the real CLI, real git and the fake GitHub: a start from environment variables
+alone, the README's quick start followed as written, refusals that say the fix, remembered refusals that a SIGHUP
+clears, logs and probes that read well."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy.testing import FakeGitHub, generate_app_key, insteadof_env, pkcs1_pem
+from tests.conftest import AcmeApp, Git, StartProxy, app_config
+from tests.e2e.test_operations import ServeProcess, free_port, serve_process  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).parent.parent.parent
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without any GIT_TOKEN_PROXY_* the developer may have set, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_TOKEN_PROXY_")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+class EnvServeProcess(ServeProcess):
+    """`python -m proxy serve` without a config file: everything comes from the environment."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], *extra: str) -> None:
+        super().__init__(tmp_path, {}, *extra)
+        self.env = env
+
+    async def start(self) -> None:
+        args = ["-m", "proxy", "serve", "--port", str(self.port), *self.extra]
+        with self.stderr_path.open("wb") as stderr:
+            self.process = await asyncio.create_subprocess_exec(sys.executable, *args, stderr=stderr, env=self.env)
+        await self.wait_for(lambda: self.answers("/healthz"), "the proxy to start")
+
+
+@pytest.fixture
+async def env_serve(tmp_path: Path) -> Any:
+    started: list[EnvServeProcess] = []
+
+    async def start(env: dict[str, str], *extra: str) -> EnvServeProcess:
+        process = EnvServeProcess(tmp_path, env, *extra)
+        started.append(process)
+        await process.start()
+        return process
+
+    yield start
+    for process in started:
+        if process.process and process.process.returncode is None:
+            process.process.kill()
+            await process.process.wait()
+
+
+# ---------------------------------------------------------------- item 2: no config file for one app
+
+
+async def test_env_only_start_clones_and_logs_the_insteadof_line_without_the_key(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, env_serve: Any
+) -> None:
+    pem = pkcs1_pem(acme_app.key)  # the PEM itself in the variable, as `"$(cat app.pem)"` puts it
+    env = clean_environment(
+        GIT_TOKEN_PROXY_CLIENT_ID=acme_app.app.client_id,
+        GIT_TOKEN_PROXY_PRIVATE_KEY=pem,
+        GIT_TOKEN_PROXY_GITHUB_URL=fake_github.url,  # the fake stands in for github.com; its API is <url>/api/v3
+    )
+    proxy = await env_serve(env, "--log-format", "text")
+    github_host = fake_github.url.removeprefix("http://")
+    line = f'git config --global url."http://127.0.0.1:{proxy.port}/{github_host}/".insteadOf "{fake_github.url}/"'
+    await proxy.wait_for(lambda: line in proxy.stderr, "the insteadOf line")
+
+    git.env.update(insteadof_env(proxy.url, host=github_host))
+    git.env["GIT_CONFIG_VALUE_0"] = f"{fake_github.url}/"  # the fake is plain http
+    await git("clone", "--quiet", f"{fake_github.url}/acme/private", "private")
+    assert (git.workdir / "private" / "README.md").read_bytes() == b"# private\n"
+    assert fake_github.apps.count("mint") == 1
+
+    assert await proxy.stop() == 0
+    key_body = "".join(pem.splitlines()[1:-1])
+    assert "PRIVATE KEY" not in proxy.stderr and key_body[:40] not in proxy.stderr
+    assert "Traceback" not in proxy.stderr
+
+
+async def test_env_start_reloads_on_sighup_and_forgets_not_installed(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, env_serve: Any
+) -> None:
+    """The environment's config reloads like a file (SIGHUP), so "install the app, then SIGHUP" works here too."""
+    env = clean_environment(
+        GIT_TOKEN_PROXY_CLIENT_ID=acme_app.app.client_id,
+        GIT_TOKEN_PROXY_PRIVATE_KEY=str(acme_app.key_file),
+        GIT_TOKEN_PROXY_GITHUB_URL=fake_github.url,
+    )
+    proxy = await env_serve(env)
+    github_host = fake_github.url.removeprefix("http://")
+    url = f"{proxy.url}/{github_host}/newco/app"
+    refused = await git("ls-remote", url, check=False)
+    assert "is not installed on newco/app" in refused.stderr
+
+    fake_github.apps.add_installation(acme_app.app, "newco")
+    fake_github.create_repo("newco/app", {"a.txt": b"a"})
+    await proxy.signal(signal.SIGHUP)
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the reload")
+    await git("ls-remote", url)
+    assert await proxy.stop() == 0
+    assert "reload rejected" not in proxy.stderr
+
+
+# ---------------------------------------------------------------- item 1: the README's quick start, as written
+
+
+def quick_start_commands() -> list[str]:
+    """The shell lines of the README's quick start block (the one that starts `serve`), in order."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    block = next(block for block in blocks if "git-token-proxy serve" in block and "GIT_TOKEN_PROXY_CLIENT_ID" in block)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+async def run_shell(line: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", line, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_readme_quick_start_works_with_the_fake_standing_in_for_github(
+    fake_github: FakeGitHub, app_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """Each line as the README has it, with the placeholders a user fills in (the Client ID, the key's path) and
+    the fake's address instead of github.com's; GITHUB_URL and API_URL point the proxy at the fake."""
+    app = fake_github.apps.add_app(app_key)
+    fake_github.apps.add_installation(app, "acme")
+    fake_github.create_repo("acme/app", {"README.md": b"# acme/app\n"})
+    home = tmp_path / "home"
+    (home / "Downloads").mkdir(parents=True)
+    (home / "Downloads" / "my-app.private-key.pem").write_text(pkcs1_pem(app_key))
+    port, github_host = free_port(), fake_github.url.removeprefix("http://")
+    substitutions = [
+        ("Iv23liXXXXXXXXXXXXXX", app.client_id),
+        ("http://127.0.0.1:8080/github.com/", f"http://127.0.0.1:{port}/{github_host}/"),
+        ("https://github.com/", f"{fake_github.url}/"),
+    ]
+    bin_dir = str(Path(sys.executable).parent)  # where pip put the git-token-proxy command
+    env = clean_environment(
+        HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
+        GIT_TOKEN_PROXY_GITHUB_URL=fake_github.url, GIT_TOKEN_PROXY_API_URL=f"{fake_github.url}/api/v3",
+        GIT_TOKEN_PROXY_PORT=str(port),
+    )  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    server: asyncio.subprocess.Process | None = None
+    try:
+        for line in quick_start_commands():
+            for placeholder, value in substitutions:
+                line = line.replace(placeholder, value)
+            if line.startswith("export "):
+                name, _, value = line.removeprefix("export ").partition("=")
+                env[name] = (await run_shell(f"printf %s {value}", env, work))[1]  # the shell's own expansion
+            elif "git-token-proxy serve" in line:
+                command = line.removesuffix("&").strip()
+                server = await asyncio.create_subprocess_exec(
+                    "bash", "-c", f"exec {command}", env=env, cwd=work, stderr=asyncio.subprocess.DEVNULL
+                )
+                await wait_until_answering(port)
+            else:
+                status, output = await run_shell(line, env, work)
+                assert status == 0, f"{line}\n{output}"
+    finally:
+        if server is not None and server.returncode is None:
+            server.terminate()
+            await server.wait()
+    assert (work / "app" / "README.md").read_bytes() == b"# acme/app\n"
+    assert fake_github.apps.count("mint") == 1
+
+
+async def wait_until_answering(port: int) -> None:
+    for _ in range(400):  # 20 s at most
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError("the proxy started as the README says did not listen")
+
+
+# ---------------------------------------------------------------- item 3: refusals that say the fix
+
+
+async def test_path_mistakes_name_the_host_and_the_insteadof_form(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    for rule, expected in [
+        (f"{proxy}/", "host 'acme' is not an allowed upstream of this proxy (configured: github.com)"),
+        (
+            f"{proxy}/github.com",
+            "host 'github.comacme' is not an allowed upstream of this proxy (configured: github.com); a slash is "
+            "missing after 'github.com': the insteadOf URL must end with '/github.com/'",
+        ),
+    ]:
+        git.env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{rule}.insteadOf",
+                        "GIT_CONFIG_VALUE_0": "https://github.com/"})  # fmt: skip
+        failed = await git("clone", "https://github.com/acme/private.git", "out", check=False)
+        assert failed.returncode != 0 and not failed.prompted
+        assert f"remote: {expected}" in failed.stderr
+        assert 'url."http://<this proxy>/github.com/".insteadOf "https://github.com/"' in failed.stderr
+        assert "only git smart-HTTP endpoints" not in failed.stderr
+
+
+async def test_not_installed_says_it_is_remembered_and_sighup_retries(
+    fake_github: FakeGitHub,
+    acme_app: AcmeApp,
+    git: Git,
+    serve_process: Any,  # noqa: F811 (the fixture)
+) -> None:
+    config = app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*")
+    proxy = await serve_process(config)
+    url = f"{proxy.url}/github.com/newco/app"
+    refused = await git("clone", url, "first", check=False)
+    assert (
+        "remote: GitHub App 'acme-app' is not installed on newco/app (or cannot see it) (app 'acme-app'); this "
+        "answer is remembered for up to 300 s: install the app on newco (or add the repo to its selection), then "
+        "reload the proxy (SIGHUP) to retry at once"
+    ) in refused.stderr
+
+    fake_github.apps.add_installation(acme_app.app, "newco")  # the user installs the app
+    fake_github.create_repo("newco/app", {"a.txt": b"a"})
+    still = await git("clone", url, "second", check=False)
+    assert still.returncode != 0 and "remembered for up to 300 s" in still.stderr  # as the message said
+    await proxy.signal(signal.SIGHUP)
+    await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the reload")
+    await git("clone", "--quiet", url, "third")
+    assert (git.workdir / "third" / "a.txt").read_bytes() == b"a"
+    assert await proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("mistake", "says"),
+    [("a key of another app", "GitHub rejected the JWT for 'acme-app': A JSON web token could not be decoded (the "
+      "private key does not belong to the app with clientId"),
+     ("a wrong clientId", "GitHub rejected the JWT for 'acme-app': Integration not found (no GitHub App has "
+      "clientId 'Iv1.not-an-app': copy the Client ID from the app's settings page"),
+     ("a permission not granted", "GitHub refused to mint a token for 'acme-app': The permissions requested are not "
+      "granted to this installation. Asked for administration:write; the installation on acme (app 'acme-app') "
+      "has contents:write, metadata:read: grant the permission in the app's settings")],
+)  # fmt: skip
+async def test_githubs_words_come_with_our_hint(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, mistake: str, says: str
+) -> None:
+    entry: dict[str, Any] = {}
+    if mistake == "a key of another app":
+        acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))
+    elif mistake == "a wrong clientId":
+        entry["clientId"] = "Iv1.not-an-app"
+    else:
+        entry["permissions"] = {"administration": "write"}
+    proxy = await start_proxy(app_config(fake_github.url, acme_app, **entry))
+    failed = await git("clone", f"{proxy}/github.com/acme/private", "out", check=False)
+    assert failed.returncode != 0 and not failed.prompted
+    assert f"remote: {says}" in failed.stderr
+
+
+# ---------------------------------------------------------------- item 6: the healthcheck follows the port
+
+
+async def test_healthcheck_finds_the_proxy_from_the_same_config(
+    fake_github: FakeGitHub,
+    acme_app: AcmeApp,
+    tmp_path: Path,
+    serve_process: Any,  # noqa: F811 (the fixture)
+) -> None:
+    config = app_config(fake_github.url, acme_app)
+    metrics_port = free_port()
+    config["server"] = {"metricsPort": metrics_port}
+    proxy = await serve_process(config)
+    for extra, answer in [((), f"http://127.0.0.1:{metrics_port}/healthz: ok"),
+                          (("--ready",), f"http://127.0.0.1:{metrics_port}/readyz: ready")]:  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "healthcheck", "--config", str(proxy.config_path), *extra,
+            stdout=asyncio.subprocess.PIPE, env=clean_environment(),
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        assert process.returncode == 0 and output.decode().strip() == answer
+    assert await proxy.stop() == 0
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "healthcheck", "--config", str(proxy.config_path),
+        stdout=asyncio.subprocess.PIPE, env=clean_environment(),
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    assert process.returncode == 1 and "not answering" in output.decode()
+
+
+# ---------------------------------------------------------------- item 7: logs that read well
+
+
+async def test_text_logs_make_audit_lines_text_and_show_no_none(
+    fake_github: FakeGitHub,
+    acme_app: AcmeApp,
+    git: Git,
+    serve_process: Any,  # noqa: F811 (the fixture)
+) -> None:
+    proxy = await serve_process(app_config(fake_github.url, acme_app), "--log-format", "text")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "out")
+    assert await proxy.stop() == 0
+    lines = proxy.stderr.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("{")]  # nothing JSON in a text log
+    assert "[None]" not in proxy.stderr
+    audit = [line for line in lines if " git_token_proxy.audit " in line]
+    assert audit and all(re.search(r"INFO git_token_proxy\.audit \[[0-9a-f]{16}\]: (GET|POST) github\.com", a)
+                         for a in audit)  # fmt: skip
+    assert any("upload-pack 200 " in line and "entry=acme-app" in line for line in audit)
+
+
+async def test_json_audit_lines_carry_level_and_logger_like_every_line(
+    fake_github: FakeGitHub,
+    acme_app: AcmeApp,
+    git: Git,
+    serve_process: Any,  # noqa: F811 (the fixture)
+) -> None:
+    proxy = await serve_process(app_config(fake_github.url, acme_app), "--log-format", "json")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "out")
+    assert await proxy.stop() == 0
+    lines = [json.loads(line) for line in proxy.stderr.splitlines()]
+    audit = [line for line in lines if line.get("logger") == "git_token_proxy.audit"]
+    assert audit and all(line["level"] == "INFO" and "message" not in line for line in audit)
+    assert all({"ts", "request_id", "repo", "status", "bytes_out"} <= line.keys() for line in audit)
+    startup = [line["message"] for line in lines if "insteadOf" in line.get("message", "")]
+    assert startup == [f'clients: git config --global url."{proxy.url}/github.com/".insteadOf "https://github.com/"']
+
+
+def test_shlex_reads_the_quick_start_exports() -> None:
+    """The quick start's exports are plain shell: what the test above runs is what a user pastes."""
+    exports = [line for line in quick_start_commands() if line.startswith("export ")]
+    assert {shlex.split(line)[1].partition("=")[0] for line in exports} >= {
+        "GIT_TOKEN_PROXY_CLIENT_ID",
+        "GIT_TOKEN_PROXY_PRIVATE_KEY",
+    }
+
+
+# ---------------------------------------------------------------- item 9: the fake GitHub, as the README shows it
+
+
+def test_readme_fake_github_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's example, in a test file of its own, run by pytest as a user's CI would (warnings as errors,
+    so that the harness must stop both servers cleanly)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (example,) = [block for block in blocks if "proxied_github" in block]
+    (tmp_path / "test_readme_example.py").write_text(example)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", "test_readme_example.py"],
+        cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout

@@ -1,0 +1,202 @@
+"""The mirror cache against a hostile local process (found by a red team; each test failed before its fix).
+
+A mirror holds objects for anyone: what must hold is that a pack leaves it only for a credential upstream lets read
+that very repo, that no request can make the proxy stall or hold processes, and that none costs upstream much more
+than a pass-through would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.testing import FakeGitHub
+from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, StartProxy, static_config
+from tests.e2e.nested_upstream import NestedUpstream, static_entry, v2_fetch
+
+TOKEN_A, TOKEN_B = "token-team-a-1111", "token-team-b-2222"
+H = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
+
+
+def mirror_config(fake: FakeGitHub, directory: Path, server: dict[str, str] | None = None) -> dict[str, object]:
+    config = static_config(fake.url)
+    config["mirror"] = {"dir": str(directory)}
+    if server:
+        config["server"] = server
+    return config
+
+
+def setup_repo(fake: FakeGitHub, big: bool = False, blobs: int = 8) -> None:
+    files = dict(PRIVATE_FILES)
+    if big:
+        files.update({f"b{i}.bin": os.urandom(1 << 20) for i in range(blobs)})
+    fake.create_repo("acme/private", files)
+    fake.add_token(STATIC_TOKEN, repos=["acme/private"])
+
+
+def mirror_upload_packs(mirror_dir: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "upload-pack" in line and str(mirror_dir) in line]
+
+
+# F1: the mirror key once dropped the baseUrl path, so two entries' repos shared one mirror.
+async def test_another_entrys_credential_gets_no_pack_from_a_shared_looking_mirror(
+    tmp_path: Path, start_proxy: StartProxy, git: Git
+) -> None:
+    upstream = NestedUpstream(tmp_path / "up")
+    (tmp_path / "up").mkdir()
+    await upstream.start()
+    try:
+        secret = upstream.create("team-a/acme/app", {"secret.txt": b"TEAM A SECRET\n"}, {TOKEN_A})
+        upstream.create("team-b/acme/app", {"readme.txt": b"team b\n"}, {TOKEN_B})
+        config = {
+            "upstreams": [{"host": "git.company.local", "url": upstream.url, "anonymous": False}],
+            "github": {"appInstallation": {"auth": [
+                static_entry("team-a", r"(?<baseUrl>git\.company\.local/team-a)/.*", TOKEN_A),
+                static_entry("team-b", r"(?<baseUrl>git\.company\.local/team-b)/.*", TOKEN_B),
+            ]}},
+            "mirror": {"dir": str(tmp_path / "mirror")},
+        }  # fmt: skip
+        proxy = await start_proxy(config)
+        await git("clone", "--quiet", f"{proxy}/git.company.local/team-a/acme/app", "victim")
+        await git("init", "--quiet", "attacker")
+        attacker = git.workdir / "attacker"
+        await git("fetch", f"{proxy}/git.company.local/team-b/acme/app", secret, cwd=attacker, check=False)
+        shown = await git("cat-file", "-p", f"{secret}:secret.txt", cwd=attacker, check=False)
+    finally:
+        await upstream.close()
+    assert "TEAM A SECRET" not in shown.stdout, "team-b fetched team-a's commit from the mirror"
+
+
+# F2: a 64 KiB gzip body of flush packets once froze the event loop for seconds while it was parsed.
+async def test_a_small_gzip_bomb_does_not_block_the_event_loop(
+    fake_github: FakeGitHub, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    setup_repo(fake_github)
+    proxy = await start_proxy(mirror_config(fake_github, tmp_path / "m"))
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = packer.compress(b"0000" * (4 * 1024 * 1024 - 64)) + packer.flush()
+    assert len(bomb) < 70_000
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/x-git-upload-pack-request"}
+
+    def post() -> None:  # in threads: the proxy runs on this test's own loop
+        request = urllib.request.Request(
+            f"{proxy}/github.com/acme/private.git/git-upload-pack", data=bomb, method="POST", headers=headers
+        )
+        with contextlib.suppress(Exception):
+            urllib.request.urlopen(request, timeout=60).read()
+
+    def probe() -> float:
+        started = time.monotonic()
+        with contextlib.suppress(Exception):
+            urllib.request.urlopen(f"{proxy}/healthz", timeout=60).read()
+        return time.monotonic() - started
+
+    loop = asyncio.get_running_loop()
+    posting = loop.run_in_executor(None, post)
+    latencies = []
+    for _ in range(8):
+        latencies.append(await loop.run_in_executor(None, probe))
+        await asyncio.sleep(0.1)
+    await posting
+    assert max(latencies) < 2.0, f"an unrelated request waited {max(latencies):.1f} s: the event loop was blocked"
+
+
+# F3: the transfer watch once took a mirror fill (no bytes either way) for a client that stopped sending.
+async def test_a_cold_clone_is_not_cut_by_write_timeout_while_the_mirror_fills(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path
+) -> None:
+    setup_repo(fake_github, big=True)
+    fake_github.git_bytes_per_second = 2 * 1024 * 1024  # a fill of about 4 s
+    proxy = await start_proxy(mirror_config(fake_github, tmp_path / "m", {"writeTimeout": "1s"}))
+    cloned = await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "cold", check=False)
+    assert cloned.returncode == 0, cloned.stderr
+
+
+# F4: a client that stopped reading a mirror answer once held upload-pack (and the repo's reader count) for good.
+async def test_a_client_that_stops_reading_a_mirror_answer_is_cut(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path
+) -> None:
+    setup_repo(fake_github, big=True, blobs=48)
+    mirror_dir = tmp_path / "m"
+    warm = await start_proxy(mirror_config(fake_github, mirror_dir))
+    await git("clone", "--quiet", f"{warm}/github.com/acme/private", "warm")
+    proxy = await start_proxy(mirror_config(fake_github, mirror_dir, {"writeTimeout": "1s"}))
+    refs = f"{proxy}/github.com/acme/private.git/info/refs?service=git-upload-pack"
+    async with aiohttp.ClientSession() as session, session.get(refs) as answer:  # the proof, as git's first request
+        assert answer.status == 200
+    head = (await git("rev-parse", "HEAD", cwd=git.workdir / "warm")).stdout.strip()
+    body = v2_fetch(head)
+    request = (
+        b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Git-Protocol: version=2\r\nContent-Type: application/x-git-upload-pack-request\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    connections = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(proxy.rsplit(":", 1)[1])))
+        sock.sendall(request)
+        connections.append(sock)
+    await asyncio.sleep(1.0)
+    for sock in connections:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.recv(100)  # the status line, and then nothing more
+    await asyncio.sleep(5.0)  # five times writeTimeout
+    alive = mirror_upload_packs(mirror_dir)
+    for sock in connections:
+        sock.close()
+    assert not alive, f"{len(alive)} upload-pack processes held by clients that stopped reading"
+
+
+# F5: a pack request with an unknown want once cost about 5 upstream git requests.
+async def test_unknown_wants_do_not_amplify_upstream_requests(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path
+) -> None:
+    setup_repo(fake_github)
+    proxy = await start_proxy(mirror_config(fake_github, tmp_path / "m"))
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "warm")
+    before, count = len(fake_github.git_requests), 5
+    async with aiohttp.ClientSession() as session:
+        for i in range(count):
+            url = f"{proxy}/github.com/acme/private.git/git-upload-pack"
+            async with session.post(url, data=v2_fetch(f"{i:040x}"), headers=H) as answer:
+                await answer.read()
+    per_request = (len(fake_github.git_requests) - before) / count
+    assert per_request <= 2, f"{per_request} upstream requests per client pack request"
+
+
+# F6: one malformed request must not send the repo to fsck (which every reader then waits for)
+async def test_a_malformed_filter_does_not_send_the_mirror_to_fsck(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    setup_repo(fake_github)
+    proxy = await start_proxy(mirror_config(fake_github, tmp_path / "m"))
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "warm")
+    head = (await git("rev-parse", "HEAD", cwd=git.workdir / "warm")).stdout.strip()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy}/github.com/acme/private.git/git-upload-pack",
+            data=v2_fetch(head, extra=["filter bogus:spec"]),
+            headers=H,
+        ) as answer,
+    ):
+        await answer.read()
+    await asyncio.sleep(1)
+    assert not [r for r in caplog.records if "checking it (fsck)" in r.getMessage()]
