@@ -36,5 +36,18 @@ USER 10001
 HEALTHCHECK NONE
 CMD ["demo"]
 
+# Mirror: the runtime plus git, for `mirror.dir` (`docker build --target mirror .`). The mirrors need a writable
+# volume at mirror.dir; everything else stays read-only.
+FROM runtime AS mirror
+USER 0
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /var/cache/git-token-proxy \
+    && chown 10001 /var/cache/git-token-proxy
+USER 10001
+VOLUME ["/var/cache/git-token-proxy"]
+
 # The default target stays the runtime image.
 FROM runtime

@@ -105,7 +105,12 @@ class AccessControl:
 
     def __init__(self, clients: Sequence[AccessClient]) -> None:
         self._clients = tuple(
-            Client(c.name, c.digest, tuple(compile_repo_pattern(c.name, p) for p in c.repos), c.read_only)
+            Client(
+                c.name,
+                c.digest,
+                tuple(compile_repo_pattern(f"access client {c.name!r}", p) for p in c.repos),
+                c.read_only,
+            )
             for c in clients
         )
 

@@ -153,15 +153,14 @@ def compile_url_pattern(entry_id: str, pattern: str) -> LinearPattern:
     return compiled
 
 
-def compile_repo_pattern(client: str, pattern: str) -> LinearPattern:
-    """An access client's repo pattern, matched against `Route.matched` and ending at a segment boundary:
+def compile_repo_pattern(where: str, pattern: str) -> LinearPattern:
+    """A repos pattern (an access client's, or the mirror's), matched against `Route.matched` and ending at a
+    segment boundary (`where` names it in errors):
     `github\\.com/acme/app` never lets a client into `acme/app-secrets`, nor `github\\.com/acme` into `acme-evil`."""
     try:
         return compile_linear(f"(?:{pattern})(?:/.*)?")
     except re2.error as error:
-        raise ConfigError(
-            f"access client {client!r}: repos pattern '{pattern}' does not compile: {_engine_error(error)}"
-        ) from None
+        raise ConfigError(f"{where}: repos pattern '{pattern}' does not compile: {_engine_error(error)}") from None
 
 
 def base_url_host(pattern: str) -> str | None:

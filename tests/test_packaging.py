@@ -289,3 +289,13 @@ def test_readme_names_concord_and_not_the_seed() -> None:
     assert "seed" not in text.lower()
     first = text.index("Concord")
     assert "Concord is" in text[first : first + 200]  # explained where it is first named
+
+
+def test_kubernetes_mirror_example() -> None:
+    config_map, pod = documents(ROOT / "examples" / "kubernetes" / "mirror.yaml")
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), "mirror config")
+    assert config.mirror is not None
+    (sidecar,) = pod["spec"]["initContainers"]
+    mounts = {mount["mountPath"]: mount for mount in sidecar["volumeMounts"]}
+    assert str(config.mirror.dir) in mounts and not mounts[str(config.mirror.dir)].get("readOnly")
+    assert "AS mirror" in (ROOT / "Dockerfile").read_text()

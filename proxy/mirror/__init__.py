@@ -43,7 +43,7 @@ class Mirror:
     """One per process. No disk is touched until the first request or maintenance pass."""
 
     def __init__(self, settings: MirrorConfig, ca_file: Path | None, metrics: Metrics) -> None:
-        self._patterns: list[LinearPattern] = [compile_repo_pattern("mirror", p) for p in settings.repos]
+        self._patterns: list[LinearPattern] = [compile_repo_pattern("mirror.repos", p) for p in settings.repos]
         self._store = MirrorStore(settings.dir)
         self._git = MirrorGit(self._store.home, ca_file)
         self._maintenance = MirrorMaintenance(self._store, self._git, metrics, settings.max_size)
