@@ -19,8 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.testing import FakeGitHub, generate_app_key, insteadof_env, pkcs1_pem
-from tests.conftest import AcmeApp, Git, StartProxy, app_config
-from tests.e2e.test_operations import ServeProcess, free_port, serve_process  # noqa: F401 (a fixture)
+from tests.conftest import AcmeApp, Git, ServeProcess, StartProxy, app_config, free_port, kill_all
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -56,10 +55,7 @@ async def env_serve(tmp_path: Path) -> Any:
         return process
 
     yield start
-    for process in started:
-        if process.process and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
+    await kill_all(started)
 
 
 # ---------------------------------------------------------------- item 2: no config file for one app
@@ -227,7 +223,7 @@ async def test_not_installed_says_it_is_remembered_and_sighup_retries(
     fake_github: FakeGitHub,
     acme_app: AcmeApp,
     git: Git,
-    serve_process: Any,  # noqa: F811 (the fixture)
+    serve_process: Any,
 ) -> None:
     config = app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*")
     proxy = await serve_process(config)
@@ -283,7 +279,7 @@ async def test_healthcheck_finds_the_proxy_from_the_same_config(
     fake_github: FakeGitHub,
     acme_app: AcmeApp,
     tmp_path: Path,
-    serve_process: Any,  # noqa: F811 (the fixture)
+    serve_process: Any,
 ) -> None:
     config = app_config(fake_github.url, acme_app)
     metrics_port = free_port()
@@ -313,7 +309,7 @@ async def test_text_logs_make_audit_lines_text_and_show_no_none(
     fake_github: FakeGitHub,
     acme_app: AcmeApp,
     git: Git,
-    serve_process: Any,  # noqa: F811 (the fixture)
+    serve_process: Any,
 ) -> None:
     proxy = await serve_process(app_config(fake_github.url, acme_app), "--log-format", "text")
     await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "out")
@@ -331,7 +327,7 @@ async def test_json_audit_lines_carry_level_and_logger_like_every_line(
     fake_github: FakeGitHub,
     acme_app: AcmeApp,
     git: Git,
-    serve_process: Any,  # noqa: F811 (the fixture)
+    serve_process: Any,
 ) -> None:
     proxy = await serve_process(app_config(fake_github.url, acme_app), "--log-format", "json")
     await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "out")

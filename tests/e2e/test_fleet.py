@@ -17,8 +17,7 @@ from cryptography.fernet import Fernet
 
 from proxy.config import parse_config
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, Git, RedisServer, Replicas, app_config
-from tests.e2e.test_operations import ServeProcess
+from tests.conftest import AcmeApp, Git, RedisServer, Replicas, ServeProcess, app_config, kill_all
 
 KEY = Fernet.generate_key().decode()
 REPOS = ("private", "other", "third", "fourth")
@@ -57,13 +56,6 @@ async def start_processes(tmp_path: Path, config: dict[str, Any], count: int) ->
     return processes
 
 
-async def stop_all(processes: list[ServeProcess]) -> None:
-    for process in processes:
-        if process.process is not None and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
-
-
 async def test_three_replicas_and_24_cold_clones_mint_once_and_store_no_token_in_clear(
     fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, git: Git, tmp_path: Path
 ) -> None:
@@ -76,7 +68,7 @@ async def test_three_replicas_and_24_cold_clones_mint_once_and_store_no_token_in
             )
         )
     finally:
-        await stop_all(processes)
+        await kill_all(processes)
     assert fake_github.apps.count("mint") == 1
     assert fake_github.apps.count("lookup") <= 3  # at most one per replica: look-ups take no lease
     for i in range(24):
@@ -196,7 +188,7 @@ async def test_a_lease_holder_that_dies_mid_mint_lets_another_replica_mint(
         fake_github.apps.mint_latency = 0
         await git("clone", "--quiet", f"{survivor.url}/github.com/acme/private", "survivor")
     finally:
-        await stop_all([holder, survivor])
+        await kill_all([holder, survivor])
     assert (git.workdir / "survivor" / "name.txt").read_text() == "private"
     assert not [key for key in stored_values(redis_server) if ":lease:" in key]  # released, or expired
 

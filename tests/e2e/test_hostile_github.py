@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,9 +17,8 @@ import pytest
 from proxy.credentials.answers import MAX_TOKEN_LIFETIME
 from proxy.credentials.github_app import MALFORMED_MINT_PAUSE
 from proxy.testing import CannedAnswer, FakeGitHub, generate_app_key, pkcs1_pem
-from tests.conftest import AcmeApp, Git, StartProxy, app_config
+from tests.conftest import AcmeApp, Git, ServeProcess, StartProxy, app_config
 from tests.e2e.test_github_app import clone, refused_clone
-from tests.e2e.test_operations import ServeProcess
 from tests.test_metrics import scrape, value
 
 JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJJdjIzbGkxMjM0In0.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmU"
@@ -264,23 +262,6 @@ async def test_missing_repos_cost_no_mint_and_almost_no_liveness_checks(
 # ------------------------------------------------------------ through `serve`: reloads and key rotation
 
 
-@pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[ServeProcess] = []
-
-    async def start(config: dict[str, Any], *extra: str) -> ServeProcess:
-        process = ServeProcess(tmp_path, config, *extra)
-        started.append(process)
-        await process.start()
-        return process
-
-    yield start
-    for process in started:
-        if process.process and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
-
-
 async def reload(proxy: ServeProcess) -> None:
     count = proxy.stderr.count("configuration reloaded")
     await proxy.signal(signal.SIGHUP)
@@ -288,9 +269,9 @@ async def reload(proxy: ServeProcess) -> None:
 
 
 async def test_retry_after_inf_then_a_reload_and_the_next_clone_works(
-    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve: Callable[..., Any]
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Callable[..., Any]
 ) -> None:
-    proxy = await serve(app_config(fake_github.url, acme_app))
+    proxy = await serve_process(app_config(fake_github.url, acme_app))
     fake_github.apps.script_next("mint", CannedAnswer.error(429, "secondary rate limit", {"Retry-After": "inf"}))
     assert "(in 3600 s)" in await refused_clone(git, proxy.url, "acme/private", "limited")
     await reload(proxy)  # a reload forgets the rate-limit window
@@ -299,9 +280,9 @@ async def test_retry_after_inf_then_a_reload_and_the_next_clone_works(
 
 
 async def test_a_rotated_key_mints_a_new_token_even_with_a_fixed_installation(
-    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve: Callable[..., Any]
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Callable[..., Any]
 ) -> None:
-    proxy = await serve(app_config(fake_github.url, acme_app, installationId=acme_app.installation.id))
+    proxy = await serve_process(app_config(fake_github.url, acme_app, installationId=acme_app.installation.id))
     await clone(git, proxy.url, "acme/private", "before")
     new_key = generate_app_key()
     acme_app.app.public_key = new_key.public_key()  # the old key is deleted on GitHub's side

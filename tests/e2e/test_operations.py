@@ -4,114 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from proxy.testing import FakeGitHub, pkcs1_pem
-from tests.conftest import AcmeApp, Git, app_config
+from tests.conftest import AcmeApp, Git, app_config, free_port
 from tests.test_config import alias_bomb
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServeProcess:
-    """`python -m proxy serve` with a config file we can rewrite, and its stderr kept for reading."""
-
-    def __init__(self, tmp_path: Path, config: dict[str, Any], *extra: str) -> None:
-        self.config_path = tmp_path / "config.yaml"
-        self.stderr_path = tmp_path / "serve.stderr"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.extra = extra
-        self.write_config(config)
-        self.process: asyncio.subprocess.Process | None = None
-        self.terminated = False
-
-    def write_config(self, config: dict[str, Any] | str) -> None:
-        text = config if isinstance(config, str) else yaml.safe_dump(config)
-        temporary = self.config_path.with_suffix(".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, self.config_path)  # atomic, as a ConfigMap update would be
-
-    async def start(self) -> None:
-        args = ["-m", "proxy", "serve", "--config", str(self.config_path), "--port", str(self.port), *self.extra]
-        with self.stderr_path.open("wb") as stderr:
-            self.process = await asyncio.create_subprocess_exec(sys.executable, *args, stderr=stderr)
-        await self.wait_for(lambda: self.answers("/healthz"), "the proxy to start")
-
-    def answers(self, path: str, timeout: float = 1) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                return sock.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stderr.splitlines() if line.strip()]
-
-    async def wait_for(self, condition: Any, what: str, seconds: float = 20) -> None:
-        deadline = time.monotonic() + seconds
-        while not condition():
-            assert self.process is None or self.process.returncode is None, f"serve exited:\n{self.stderr}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.stderr}"
-            await asyncio.sleep(0.05)
-
-    async def keeps_answering_until(self, condition: Any, what: str, seconds: float = 20) -> None:
-        """Polls /healthz until `condition` holds; each poll must be answered within 5 s, so an event loop that a
-        reload stalls fails the test."""
-        deadline = time.monotonic() + seconds
-        while not condition():
-            assert await asyncio.to_thread(self.answers, "/healthz", 5), f"/healthz stalled:\n{self.stderr}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.stderr}"
-            await asyncio.sleep(0.1)
-
-    async def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.terminated |= signum == signal.SIGTERM
-        self.process.send_signal(signum)
-
-    async def stop(self) -> int:
-        """SIGTERM once (a second one, after the drain ended, would meet the default handler), then the exit code."""
-        assert self.process is not None
-        if not self.terminated:
-            await self.signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), 30)
-
-
-@pytest.fixture
-async def serve_process(tmp_path: Path) -> Any:
-    started: list[ServeProcess] = []
-
-    async def start(config: dict[str, Any], *extra: str) -> ServeProcess:
-        process = ServeProcess(tmp_path, config, *extra)
-        started.append(process)
-        await process.start()
-        return process
-
-    yield start
-    for process in started:
-        if process.process and process.process.returncode is None:
-            process.process.kill()
-            await process.process.wait()
 
 
 def pack_requested(fake: FakeGitHub) -> bool:
