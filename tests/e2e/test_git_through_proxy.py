@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,15 @@ async def test_private_repo_without_entry_never_prompts(
     assert "remote: github.com/someone/secret needs credentials and no auth entry" in result.stderr
     assert "403" in result.stderr
     assert not result.prompted
+
+
+async def test_the_fakes_throttle_really_throttles(fake_github: FakeGitHub, git: Git) -> None:
+    """`git_bytes_per_second` is what tests use to keep a transfer going: it must hold. Only a lower bound on the
+    time is asserted, which a slow or busy machine cannot break."""
+    fake_github.create_repo("acme/slow", {"blob.bin": os.urandom(3 * 1024 * 1024)}, public=True)
+    fake_github.git_bytes_per_second = 1024 * 1024
+    started = time.monotonic()
+    await git("clone", "--quiet", f"{fake_github.url}/acme/slow", "slow")
+    elapsed = time.monotonic() - started
+    assert fake_github.upload_pack_bytes >= 3 * 1024 * 1024
+    assert elapsed >= 2.0, f"3 MiB at 1 MiB/s arrived in {elapsed:.1f} s"
