@@ -114,6 +114,9 @@ class ServerConfig(_Model):
     max_upstream_connections: int = Field(default=512, ge=1)
     # On SIGTERM: stop accepting, let transfers finish for this long, then exit.
     shutdown_grace: PositiveDuration = 30.0
+    # On SIGTERM, keep accepting this long first, with /readyz at 503 "draining" (on the git port too), so that a
+    # load balancer stops sending new clones before the listener closes. 0: close at once.
+    drain_delay: Duration = 0.0
     # /metrics, /healthz and /readyz on a port of their own (which stays up while git traffic drains).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str | None = None  # default: server.host

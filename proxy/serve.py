@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -60,7 +61,7 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     forced = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forced.set)
-    drain = asyncio.create_task(runner.cleanup())  # stop listening, wait for transfers (up to the grace), close
+    drain = asyncio.create_task(_drain(runner, config.server.drain_delay, forced))
     await asyncio.wait([drain, asyncio.create_task(forced.wait())], return_when=asyncio.FIRST_COMPLETED)
     if ops_runner:
         await ops_runner.cleanup()
@@ -69,6 +70,16 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
         return 1
     log.info("stopped after %.1f s of draining", loop.time() - started)
     return 0
+
+
+async def _drain(runner: web.AppRunner, delay: float, forced: asyncio.Event) -> None:
+    """Keep listening for `drainDelay` first, answering /readyz with 503 "draining" on every port, so that a load
+    balancer or kube-proxy takes the proxy out of rotation before it stops accepting; then stop listening and wait
+    for transfers (up to the grace), and close. A second signal cuts the delay short too."""
+    if delay > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(forced.wait(), delay)
+    await runner.cleanup()
 
 
 async def _start_ops_site(proxy: Proxy, host: str) -> web.AppRunner | None:

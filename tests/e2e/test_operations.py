@@ -238,3 +238,17 @@ async def test_watch_reloads_when_the_key_file_a_rejected_config_names_appears(
     await proxy.wait_for(lambda: "configuration reloaded" in proxy.stderr, "the reload once the key exists", 15)
     await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "tool")
     assert proxy.stderr.count("reload rejected") == 1
+
+
+async def test_drain_delay_keeps_accepting_and_says_draining_on_the_git_port(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    config = app_config(fake_github.url, acme_app)
+    config["server"] = {"metricsPort": free_port(), "drainDelay": "3s"}
+    proxy = await serve_process(config)
+    await proxy.signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/readyz") as response:
+        assert (response.status, await response.text()) == (503, "draining: finishing transfers before shutdown\n")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "during-the-delay")  # still accepted
+    assert await proxy.stop() == 0
