@@ -358,6 +358,9 @@ def test_readme_fake_github_example_runs_as_written(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (example,) = [block for block in blocks if "proxied_github" in block]
     (tmp_path / "test_readme_example.py").write_text(example)
+    # A project of the user's own, with pytest-asyncio installed (it comes with our test extra): newer releases
+    # warn, and so fail under -W error, unless the loop scope is set, as any such project's config does.
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", "test_readme_example.py"],
         cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=120,
