@@ -28,7 +28,8 @@ from .credentials.redis_store import RedisStore
 from .credentials.shared import Sealer, SharedTokens, StoreFactory, local_stores, tiered_stores
 from .credentials.static import StaticTokenSource
 from .errors import ProxyError
-from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_request
+from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_lfs_object, forward_request
+from .lfs import LfsPolicy
 from .metrics import Metrics
 from .mirror import Mirror
 from .mirror.proof import AuthProof
@@ -167,6 +168,7 @@ def build_context(
         # An inspected body (an LFS batch) is part of the request: it gets the same budget as the headers.
         body_timeout=config.server.header_timeout,
         mirror=mirror.mirror if mirror else None, proof=mirror.proof if mirror else None,
+        lfs=LfsPolicy.from_config(config.lfs),
     )  # fmt: skip
 
 
@@ -398,6 +400,8 @@ async def create_app(config: Config) -> web.Application:
     else:
         app.router.add_get("/healthz", healthz)  # liveness also on the git port, where Docker's HEALTHCHECK looks
         app.router.add_get("/readyz", readyz)  # and "draining" there too, until the listener closes
+    # Handles the proxy itself gave out in LFS batch answers; `/_lfs` can never be an upstream host's path.
+    app.router.add_route("*", "/_lfs/{handle}", forward_lfs_object)
     app.router.add_route("*", "/{path:.*}", forward_request)
     log.debug("git-token-proxy %s: %d upstreams, %d auth entries", __version__, len(config.upstreams), len(config.auth))
     return app

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -149,12 +149,11 @@ def is_loopback(host: str) -> bool:
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$")
 
 
-class UpstreamConfig(_Model):
-    """A host the proxy may connect to. Nothing else is ever contacted for git traffic."""
+class _HostConfig(_Model):
+    """A host the proxy may connect to, and where it really is."""
 
     host: str
     url: str = ""  # empty means https://<host>; filled in by the validator below
-    anonymous: bool = True
     connect_timeout: PositiveDuration = 10.0
     # Between two reads, not for the whole transfer: a large clone may take an hour and must not be cut off.
     read_timeout: PositiveDuration = 300.0
@@ -168,12 +167,45 @@ class UpstreamConfig(_Model):
         return host
 
     @model_validator(mode="after")
-    def _default_url(self) -> UpstreamConfig:
+    def _default_url(self) -> Self:
         url = (self.url or f"https://{self.host}").rstrip("/")
         if not re.match(r"^https?://[^/@\s?#]+(/[^\s?#@]*)?$", url):
             shown = re.sub(r"//[^/]*@", "//<credentials removed>@", url)  # never echo a token someone pasted
             raise ValueError(f"url {shown!r} must be http(s)://host[:port][/path], without credentials or query")
         object.__setattr__(self, "url", url)
+        return self
+
+
+class UpstreamConfig(_HostConfig):
+    """A git host the proxy may connect to. Nothing else is ever contacted for git traffic."""
+
+    anonymous: bool = True
+
+
+class StorageHostConfig(_HostConfig):
+    """An LFS storage host: treated like an upstream (TLS settings, timeouts), but it never receives a token of
+    ours, only the credential its own batch answer named."""
+
+
+# Where GitHub keeps LFS objects: the hosts GitHub's docs list as "Needed for Git Large File Storage" in
+# https://docs.github.com/en/actions/concepts/runners/communicating-with-self-hosted-runners
+GITHUB_LFS_STORAGE_HOSTS = ("github-cloud.githubusercontent.com", "github-cloud.s3.amazonaws.com")
+
+
+class LfsConfig(_Model):
+    # true: download/upload/verify actions on a storage host go through this proxy, under handles of its own,
+    # and the client never sees a storage URL or credential. false: batch answers pass as they came.
+    proxy_objects: bool = False
+    storage_hosts: list[StorageHostConfig] = Field(
+        default_factory=lambda: [StorageHostConfig(host=host) for host in GITHUB_LFS_STORAGE_HOSTS]
+    )
+
+    @model_validator(mode="after")
+    def _hosts_unique(self) -> LfsConfig:
+        hosts = [h.host for h in self.storage_hosts]
+        duplicates = {h for h in hosts if hosts.count(h) > 1}
+        if duplicates:
+            raise ValueError(f"storage host listed twice: {', '.join(sorted(duplicates))}")
         return self
 
 
@@ -515,6 +547,7 @@ class Config(_Model):
     github: GitHubConfig = GitHubConfig()
     cache: CacheConfig = CacheConfig()
     mirror: MirrorConfig | None = None  # absent: pure pass-through
+    lfs: LfsConfig = LfsConfig()
 
     @property
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:

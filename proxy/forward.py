@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, enforce_read_only, read_whole_body
+from .access import AccessControl, Client, enforce_read_only, read_whole_body
+from .config import StorageHostConfig
 from .credentials import Credential, CredentialSource
 from .errors import (
     AnonymousRefused,
@@ -48,11 +49,22 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .lfs import (
+    DigestCheck,
+    HandleRefused,
+    HandleStore,
+    LfsPolicy,
+    StorageAction,
+    StorageRefused,
+    read_batch_answer,
+    rewrite_batch_answer,
+    storage_url,
+)
 from .logs import REQUEST_ID, sanitise_for_client
 from .metrics import REFUSED, Metrics
 from .mirror import Mirror, MirrorAnswer, is_pack_request
 from .mirror.proof import AuthProof
-from .routing import INFO_REFS, UPLOAD_PACK, Route, Router, Service
+from .routing import INFO_REFS, LFS_BATCH, UPLOAD_PACK, Route, Router, Service
 
 log = logging.getLogger("git_token_proxy.forward")
 audit_log = logging.getLogger("git_token_proxy.audit")
@@ -78,6 +90,7 @@ _STATUS: dict[type[ProxyError], int] = {
     RequestBodyRefused: 400,
     MisdirectedRequest: 421,
     NotAGitEndpoint: 404,
+    HandleRefused: 404,
     MethodNotAllowed: 405,
     HostNotAllowed: 403,
     AnonymousRefused: 403,
@@ -99,6 +112,7 @@ _STATUS: dict[type[ProxyError], int] = {
     UpstreamUnreachable: 502,
     UpstreamBadRedirect: 502,
     UpstreamBadResponse: 502,
+    StorageRefused: 502,
     UpstreamTimeout: 504,
 }
 
@@ -123,6 +137,7 @@ class ForwardContext:
     body_timeout: float = 15.0  # for bodies the proxy reads whole in order to check them
     mirror: Mirror | None = None  # mirror.dir: pack requests may be answered from a local mirror
     proof: AuthProof | None = None  # with a mirror: upstream's recent word that a credential may read a repo
+    lfs: LfsPolicy | None = None  # lfs.proxyObjects: LFS objects go through the proxy, under handles
 
 
 @dataclass
@@ -131,6 +146,7 @@ class LiveContext:
 
     current: ForwardContext
     transfers: TransferWatch
+    lfs_handles: HandleStore = field(default_factory=HandleStore)  # outlive reloads, like the transfers they name
 
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
@@ -157,6 +173,7 @@ class _Exchange:
     answering: bool = False  # the response has started (upstream's or the mirror's)
     body_failed: bool = False  # the client's streamed body broke off
     upstream: aiohttp.ClientResponse | None = None  # once its headers have come
+    lfs: StorageAction | None = None  # an /_lfs/ request: the object it moves
 
     def close_upstream(self) -> None:
         if self.upstream is not None:
@@ -241,7 +258,7 @@ async def forward_request(request: web.Request) -> web.StreamResponse:
     REQUEST_ID.set(exchange.request_id)  # every log line of this request (and of a mint it starts) carries it
     context.metrics.in_flight.inc()
     try:
-        return await _forward(request, context, live.transfers, exchange)
+        return await _forward(request, context, live.transfers, exchange, live.lfs_handles)
     except Exception:
         # A bug, or something no one thought of: one log line with the traceback, a reasoned 500 for git, and a
         # metric and an audit line that say so, instead of aiohttp's bare 500 without a request id.
@@ -260,8 +277,9 @@ def _request_id(request: web.Request) -> str:
 
 
 async def _forward(
-    request: web.Request, context: ForwardContext, transfers: TransferWatch, exchange: _Exchange
-) -> web.StreamResponse:
+    request: web.Request, context: ForwardContext, transfers: TransferWatch, exchange: _Exchange,
+    handles: HandleStore,
+) -> web.StreamResponse:  # fmt: skip
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
         _refuse_browsers(request.headers)
@@ -278,14 +296,15 @@ async def _forward(
     if request.transport is not None:
         transfers.add(exchange, request.transport, streams_body=request.body_exists and body is None)
     try:
-        return await _exchange_with_upstream(request, route, context, exchange, body)
+        return await _exchange_with_upstream(request, route, context, exchange, body, handles)
     finally:
         transfers.remove(exchange)
 
 
 async def _exchange_with_upstream(
-    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
-) -> web.StreamResponse:
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None,
+    handles: HandleStore,
+) -> web.StreamResponse:  # fmt: skip
     try:
         if (
             context.mirror is not None
@@ -302,6 +321,8 @@ async def _exchange_with_upstream(
         _note_for_mirror(context, route, error)
         return _refuse(error, exchange)
     _note_for_mirror(context, route, opened.upstream.status)
+    if route.endpoint is LFS_BATCH and context.lfs is not None and opened.upstream.status == 200:
+        return await _answer_batch(request, route, context, exchange, opened, handles)
     complete = False
     try:
         # No reason phrase from upstream: it may hold control characters, and git reads only the status code.
@@ -424,6 +445,211 @@ async def _stream_mirror_answer(
         await answer.close()
         metrics.mirror_bytes.labels("mirror").inc(exchange.bytes_out)
     return response
+
+
+# ---------------------------------------------------------------- LFS objects (lfs.proxyObjects)
+
+# A verify request is `{"oid": ..., "size": ...}`.
+LFS_VERIFY_BODY_LIMIT = 64 * 1024
+# What goes back with a rewritten batch answer: it is a new body, so its framing and encoding are the proxy's own.
+_NOT_RETURNED_WITH_BATCH = frozenset({"content-length", "content-encoding", "etag", "content-md5"})
+
+
+async def _answer_batch(
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, opened: _Opened,
+    handles: HandleStore,
+) -> web.StreamResponse:  # fmt: skip
+    """The batch answer, read whole (bounded) and rewritten so that storage actions point at this proxy."""
+    assert context.lfs is not None
+    upstream = opened.upstream
+    try:
+        try:
+            raw = await read_batch_answer(upstream)
+        except (aiohttp.ClientError, TimeoutError):
+            raise UpstreamUnreachable(f"{route.upstream.host} broke off its LFS batch answer") from None
+        # The Host the client used (already checked): the address under which it reaches this proxy.
+        rewritten = rewrite_batch_answer(raw, context.lfs, handles, route, exchange.client, f"http://{request.host}")
+    except ProxyError as error:
+        upstream.close()
+        return _refuse(error, exchange)
+    _finish(upstream, exchange.request_sent)
+    for action, count in rewritten.rewritten.items():
+        context.metrics.lfs_actions_rewritten.labels(action).inc(count)
+    context.metrics.lfs_actions_passed.inc(rewritten.passed)
+    headers = CIMultiDict((k, v) for k, v in opened.headers.items() if k.lower() not in _NOT_RETURNED_WITH_BATCH)
+    headers["X-Request-Id"] = exchange.request_id
+    exchange.status, exchange.bytes_out = upstream.status, len(rewritten.body)
+    return web.Response(status=upstream.status, body=rewritten.body, headers=headers)
+
+
+async def forward_lfs_object(request: web.Request) -> web.StreamResponse:
+    """/_lfs/<handle>: one object to or from its storage host, under the same rules as git traffic."""
+    live = request.app[FORWARD_CONTEXT]
+    context = live.current
+    exchange = _Exchange(time.monotonic(), _request_id(request))
+    REQUEST_ID.set(exchange.request_id)
+    context.metrics.in_flight.inc()
+    try:
+        return await _serve_lfs_object(request, context, live, exchange)
+    except Exception:
+        log.exception("unexpected error while serving an LFS object")
+        context.metrics.unexpected_errors.inc()
+        return _refuse_unexpected(exchange)
+    finally:
+        context.metrics.in_flight.dec()
+        _record(context.metrics, exchange)
+        _audit(request, exchange)
+
+
+async def _serve_lfs_object(
+    request: web.Request, context: ForwardContext, live: LiveContext, exchange: _Exchange
+) -> web.StreamResponse:
+    try:
+        _refuse_browsers(request.headers)
+        _check_host(request, context.allowed_hosts)
+        client = context.access.authenticate(request.headers.get("Authorization"))
+        exchange.client = client.name if client else None
+        if context.lfs is None:
+            raise HandleRefused("LFS objects are not served by this proxy (lfs.proxyObjects is off)")
+        action = exchange.lfs = live.lfs_handles.find(request.match_info["handle"], exchange.client)
+        exchange.route = action.route
+        if request.method != action.method:
+            raise MethodNotAllowed(f"{request.method} is not allowed on this LFS {action.action} handle")
+        context.access.authorize(client, action.route)  # the rules of now, not of the batch request's time
+        if action.method != "GET":
+            _refuse_lfs_write(client, action)
+        storage = context.lfs.storage_hosts.get(action.storage_host)
+        if storage is None:
+            raise HandleRefused(f"storage host {action.storage_host} is no longer in lfs.storageHosts")
+        _refuse_body_on_get(request)
+        body = await _lfs_request_body(request, action, context.body_timeout)
+    except ProxyError as error:
+        return _refuse(error, exchange)
+    if request.transport is not None:
+        live.transfers.add(exchange, request.transport, streams_body=action.method == "PUT")
+    try:
+        return await _exchange_with_storage(request, context, exchange, action, storage, body)
+    finally:
+        live.transfers.remove(exchange)
+
+
+def _refuse_lfs_write(client: Client | None, action: StorageAction) -> None:
+    """An upload handle exists only if the batch request was allowed to upload; a reload may have made the
+    client or the entry read-only since."""
+    entry = action.route.entry
+    if client is not None and client.read_only:
+        raise ReadOnlyRefused(f"client {client.name!r} is read-only: LFS uploads to {action.route.repo} are refused")
+    if entry is not None and entry.read_only:
+        raise ReadOnlyRefused(f"auth entry {entry.id!r} is read-only: LFS uploads to {action.route.repo} are refused")
+
+
+async def _lfs_request_body(request: web.Request, action: StorageAction, body_timeout: float) -> bytes | None:
+    """Verify bodies are small and read whole. An upload streams, with the Content-Length the batch request
+    declared for the object: storage gets exactly that many bytes, or the transfer is cut."""
+    if action.method == "POST":
+        return await read_whole_body(request, LFS_VERIFY_BODY_LIMIT, body_timeout)
+    if action.method == "PUT" and request.content_length != action.size:
+        raise RequestBodyRefused(f"an LFS upload of this object must carry Content-Length: {action.size}")
+    return None
+
+
+async def _exchange_with_storage(
+    request: web.Request, context: ForwardContext, exchange: _Exchange, action: StorageAction,
+    storage: StorageHostConfig, body: bytes | None,
+) -> web.StreamResponse:  # fmt: skip
+    try:
+        upstream = exchange.upstream = await _send_to_storage(request, context, exchange, action, storage, body)
+        try:
+            _refuse_if_body_broke(exchange)
+            if not 200 <= upstream.status < 300:
+                raise StorageRefused(f"storage host {action.storage_host} answered HTTP {upstream.status}")
+        except BaseException:
+            upstream.close()
+            raise
+    except ProxyError as error:
+        return _refuse(error, exchange)
+    complete = False
+    try:
+        headers = {"X-Request-Id": exchange.request_id}
+        if "Content-Type" in upstream.headers:
+            headers["Content-Type"] = upstream.headers["Content-Type"]
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        exchange.status = response.status
+        if action.method == "GET":
+            response.content_length = action.size
+            complete = await _stream_verified(request, upstream, response, exchange, action, context.metrics)
+        else:
+            complete = await _stream_back(request, upstream, response, exchange)
+    finally:
+        _finish(upstream, complete and exchange.request_sent)
+    return response
+
+
+async def _send_to_storage(
+    request: web.Request, context: ForwardContext, exchange: _Exchange, action: StorageAction,
+    storage: StorageHostConfig, body: bytes | None,
+) -> aiohttp.ClientResponse:  # fmt: skip
+    """Only the action's own headers (the storage credential) and the body's type go to storage: never a token
+    of ours, nor anything else of the client's."""
+    headers = CIMultiDict(action.headers)
+    if action.method != "GET" and "Content-Type" not in headers and "Content-Type" in request.headers:
+        headers["Content-Type"] = request.headers["Content-Type"]
+    data, length = _request_body(request, exchange, body)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    try:
+        return await context.session.request(
+            action.method, storage_url(action, storage), headers=headers, data=data,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=storage.connect_timeout,
+                                          sock_read=storage.read_timeout),
+            allow_redirects=False,  # a redirect is a non-2xx answer: refused, never followed
+        )  # fmt: skip
+    except TimeoutError:
+        raise UpstreamTimeout(f"storage host {action.storage_host} did not answer in time") from None
+    except aiohttp.ClientConnectorError as error:
+        raise UpstreamUnreachable(f"cannot connect to storage host {action.storage_host}: {error.strerror}") from None
+    except aiohttp.ClientError as error:
+        reason = type(error).__name__
+        raise UpstreamUnreachable(f"request to storage host {action.storage_host} failed: {reason}") from None
+
+
+async def _stream_verified(
+    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: _Exchange,
+    action: StorageAction, metrics: Metrics,
+) -> bool:  # fmt: skip
+    """Like `_stream_back`, but one chunk behind: the last chunk is written only once the whole object hashed to
+    its oid, so a client never holds all the bytes of a wrong object. On a mismatch the connection is aborted,
+    never ended cleanly: git-lfs sees a broken download, not a corrupt file."""
+    await response.prepare(request)
+    exchange.answering = True
+    check, held = DigestCheck(action.oid, action.size), b""
+    try:
+        async for chunk in upstream.content.iter_any():
+            if not check.update(chunk):
+                break
+            if held:
+                await response.write(held)
+                exchange.bytes_out += len(held)
+            held = chunk
+        if check.matches():
+            await response.write(held)
+            exchange.bytes_out += len(held)
+            await response.write_eof()
+            return True
+        metrics.lfs_digest_mismatches.inc()
+        exchange.aborted = f"the object from storage did not match its oid ({check.received} bytes read)"
+        log.warning("LFS object %s from %s: %s; aborting the client connection", action.oid[:16],
+                    action.storage_host, exchange.aborted)  # fmt: skip
+        _abort_client(request)
+    except ConnectionError:
+        if not exchange.aborted:
+            log.info("client closed the connection after %d bytes of an LFS object", exchange.bytes_out)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        if not exchange.aborted:
+            log.warning("storage failed after %d bytes (%s); aborting the client connection",
+                        exchange.bytes_out, type(error).__name__)  # fmt: skip
+            _abort_client(request)
+    return False
 
 
 def _finish(upstream: aiohttp.ClientResponse, fully_exchanged: bool) -> None:
@@ -612,8 +838,12 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
         record["aborted"] = exchange.aborted
     if exchange.mirror:
         record["mirror"] = exchange.mirror
+    if exchange.lfs:  # the object, never the href: its query is the storage's signature
+        lfs = exchange.lfs
+        record.update(lfs_action=lfs.action, oid=lfs.oid, size=lfs.size, storage_host=lfs.storage_host)
     if not route:
-        record["path"] = request.raw_path.partition("?")[0][:200]  # no query: it is the one place a secret could be
+        path = request.raw_path.partition("?")[0][:200]  # no query: it is the one place a secret could be
+        record["path"] = "/_lfs/…" if path.startswith("/_lfs/") else path  # a handle is a bearer name
     audit_log.info("%s", json.dumps(record, separators=(",", ":")))
 
 

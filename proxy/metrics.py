@@ -119,6 +119,19 @@ class Metrics:
             "git_token_proxy_mirror_evictions", "Mirrors evicted to stay under maxSize", registry=r
         )
         self.mirror_disk_bytes = Gauge("git_token_proxy_mirror_disk_bytes", "Disk used by the mirrors", registry=r)
+        # LFS objects through the proxy (lfs.proxyObjects).
+        self.lfs_actions_rewritten = Counter(
+            "git_token_proxy_lfs_actions_rewritten", "Batch-answer actions given a handle on this proxy", ["action"],
+            registry=r,
+        )  # fmt: skip
+        self.lfs_actions_passed = Counter(
+            "git_token_proxy_lfs_actions_passed", "Batch-answer actions on hosts that are not storage hosts, passed on",
+            registry=r,
+        )  # fmt: skip
+        self.lfs_digest_mismatches = Counter(
+            "git_token_proxy_lfs_digest_mismatches", "LFS downloads aborted because the bytes did not match the oid",
+            registry=r,
+        )  # fmt: skip
         self.soonest_expiry = Gauge(
             "git_token_proxy_token_soonest_expiry_seconds", "Seconds until the soonest cached token expires",
             registry=r,

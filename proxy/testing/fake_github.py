@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .fake_app_api import FakeAppApi, Grant
+from .fake_lfs import FakeLfs
 from .git_backend import find_http_backend, serve_with_http_backend
 from .gitcli import git_env, run_git_sync
 
@@ -72,6 +73,7 @@ class FakeGitHub:
     dead_tokens_get_404: bool = False
     reject_all_tokens: bool = False  # a broken upstream: 401 to every request that carries a token
     tokens_rejected_on: set[str] = field(default_factory=set)  # lowercase owner/repo that 401 any token
+    lfs: FakeLfs | None = None  # a GitHub-like LFS (batch API here, objects on its storage host); None: a stub
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -173,6 +175,10 @@ class FakeGitHub:
             return refusal
         if not self.repo_path(full_name).is_dir():
             return _text(404, "Repository not found.")
+        if match["endpoint"] == "info/lfs/objects/batch" and self.lfs is not None:
+            return await self.lfs.batch_answer(request, full_name)
+        if match["endpoint"].startswith("info/lfs/locks") and self.lfs is not None:
+            return _locks_answer(match["endpoint"])
         if match["endpoint"].startswith("info/lfs/"):
             return await _lfs_answer(request)
         path_info = f"/{full_name}.git/{match['endpoint']}"
@@ -241,3 +247,9 @@ async def _lfs_answer(request: web.Request) -> web.Response:
         for item in body.get("objects", [])
     ]
     return web.json_response({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
+
+
+def _locks_answer(endpoint: str) -> web.Response:
+    """No locks held: what git-lfs asks before a push (locks/verify) and when listing them."""
+    answer: dict[str, object] = {"ours": [], "theirs": []} if endpoint.endswith("verify") else {"locks": []}
+    return web.json_response(answer, content_type="application/vnd.git-lfs+json")

@@ -1,0 +1,146 @@
+"""LFS batch answers: storage hrefs and their credentials replaced by /_lfs/ handles on this proxy."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ..config import LfsConfig, StorageHostConfig
+from ..errors import UpstreamBadResponse
+from ..routing import Route
+from .handles import MAX_TTL, HandleStore, StorageAction
+
+# A batch answer lists hrefs for at most a few hundred objects; after decompression it stays far below this.
+BATCH_ANSWER_LIMIT = 1024 * 1024
+_METHODS = {"download": "GET", "upload": "PUT", "verify": "POST"}
+_OID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class LfsPolicy:
+    """lfs.proxyObjects on: the storage hosts, by the host[:port] that hrefs name."""
+
+    storage_hosts: Mapping[str, StorageHostConfig]
+
+    @classmethod
+    def from_config(cls, config: LfsConfig) -> LfsPolicy | None:
+        if not config.proxy_objects:
+            return None
+        return cls({host.host: host for host in config.storage_hosts})
+
+    def storage_host_of(self, href: str) -> StorageHostConfig | None:
+        try:
+            parts = urlsplit(href)
+            port = parts.port
+        except ValueError:
+            return None
+        if parts.scheme not in ("https", "http") or parts.username is not None or not parts.hostname:
+            return None
+        default = 443 if parts.scheme == "https" else 80
+        key = parts.hostname if port in (None, default) else f"{parts.hostname}:{port}"
+        return self.storage_hosts.get(key.lower())
+
+
+@dataclass
+class Rewritten:
+    body: bytes
+    rewritten: dict[str, int]  # by action
+    passed: int  # actions on other hosts, passed on untouched
+
+
+async def read_batch_answer(upstream: aiohttp.ClientResponse) -> bytes:
+    """The whole answer, bounded before and after decompression (the session keeps bodies as they came)."""
+    raw = bytearray()
+    async for chunk in upstream.content.iter_any():
+        raw += chunk
+        if len(raw) > BATCH_ANSWER_LIMIT:
+            raise UpstreamBadResponse(f"LFS batch answer over {BATCH_ANSWER_LIMIT} bytes")
+    encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return bytes(raw)
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UpstreamBadResponse(f"LFS batch answer in an encoding the proxy cannot read ({encoding[:20]})")
+    inflater = zlib.decompressobj(wbits=31 if "gzip" in encoding else 15)
+    try:
+        body = inflater.decompress(bytes(raw), BATCH_ANSWER_LIMIT + 1)
+    except zlib.error:
+        raise UpstreamBadResponse("LFS batch answer: corrupt compressed body") from None
+    if len(body) > BATCH_ANSWER_LIMIT or inflater.unconsumed_tail or not inflater.eof:
+        raise UpstreamBadResponse(f"LFS batch answer over {BATCH_ANSWER_LIMIT} bytes after decompression")
+    return body
+
+
+def rewrite_batch_answer(
+    body: bytes, policy: LfsPolicy, handles: HandleStore, route: Route, client: str | None, proxy_base: str
+) -> Rewritten:
+    """Each action on a storage host gets an href on this proxy (`proxy_base`/_lfs/<handle>) and loses its
+    `header`: the storage credential stays in the handle. Anything the proxy cannot vouch for is refused whole,
+    rather than passed on with a credential in it."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamBadResponse("LFS batch answer is not JSON") from None
+    objects = document.get("objects") if isinstance(document, dict) else None
+    if not isinstance(objects, list):
+        raise UpstreamBadResponse("LFS batch answer has no objects list")
+    result = Rewritten(b"", {}, 0)
+    for item in objects:
+        actions = item.get("actions") if isinstance(item, dict) else None
+        if not isinstance(actions, dict):
+            continue  # an error, or nothing to transfer
+        for name, action in actions.items():
+            href = action.get("href") if isinstance(action, dict) else None
+            if not isinstance(href, str):
+                raise UpstreamBadResponse(f"LFS batch answer: action {name[:20]!r} has no href")
+            storage = policy.storage_host_of(href)
+            if storage is None or name not in _METHODS:
+                result.passed += 1
+                continue
+            assert isinstance(action, dict)
+            handle = handles.issue(_storage_action(name, action, item, storage, route, client))
+            action["href"] = f"{proxy_base}/_lfs/{handle}"
+            action.pop("header", None)
+            result.rewritten[name] = result.rewritten.get(name, 0) + 1
+    result.body = json.dumps(document, separators=(",", ":")).encode()
+    return result
+
+
+def _storage_action(
+    name: str, action: dict[str, object], item: dict[str, object], storage: StorageHostConfig, route: Route,
+    client: str | None,
+) -> StorageAction:  # fmt: skip
+    oid, size = item.get("oid"), item.get("size")
+    if not isinstance(oid, str) or not _OID.fullmatch(oid) or not isinstance(size, int) or size < 0:
+        raise UpstreamBadResponse("LFS batch answer: an object without a SHA-256 oid and a size")
+    header = action.get("header") or {}
+    if not isinstance(header, dict) or not all(isinstance(v, str) for v in header.values()):
+        raise UpstreamBadResponse("LFS batch answer: an action header that is not a map of strings")
+    return StorageAction(
+        name, _METHODS[name], str(action["href"]), tuple((str(k), v) for k, v in header.items()), storage.host, oid,
+        size, route, client, time.monotonic() + _ttl(action),
+    )  # fmt: skip
+
+
+def _ttl(action: Mapping[str, object]) -> float:
+    """Seconds the action stays valid: the sooner of expires_in and expires_at, capped at MAX_TTL."""
+    ttl = MAX_TTL
+    expires_in = action.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in != 0:
+        ttl = min(ttl, float(expires_in))  # 0 means "not given" in git-lfs
+    expires_at = action.get("expires_at")
+    if isinstance(expires_at, str) and expires_at:
+        try:
+            at = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise UpstreamBadResponse("LFS batch answer: expires_at is not an RFC 3339 time") from None
+        if at.tzinfo is not None:
+            ttl = min(ttl, at.timestamp() - time.time())
+    return ttl
