@@ -517,7 +517,7 @@ async def _serve_lfs_object(
             raise MethodNotAllowed(f"{request.method} is not allowed on this LFS {action.action} handle")
         context.access.authorize(client, action.route)  # the rules of now, not of the batch request's time
         if action.method != "GET":
-            _refuse_lfs_write(client, action)
+            _refuse_lfs_write(client, action, context.router)
         storage = context.lfs.storage_hosts.get(action.storage_host)
         if storage is None:
             raise HandleRefused(f"storage host {action.storage_host} is no longer in lfs.storageHosts")
@@ -533,10 +533,16 @@ async def _serve_lfs_object(
         live.transfers.remove(exchange)
 
 
-def _refuse_lfs_write(client: Client | None, action: StorageAction) -> None:
+def _refuse_lfs_write(client: Client | None, action: StorageAction, router: Router) -> None:
     """An upload handle exists only if the batch request was allowed to upload; a reload may have made the
-    client or the entry read-only since."""
+    client or the entry read-only since. So the entry is the one of now, found again by its id: the one the
+    handle remembers is the batch request's; and an entry that is gone refuses."""
     entry = action.route.entry
+    if entry is not None:
+        current = router.entry_by_id(entry.id)
+        if current is None:
+            raise ReadOnlyRefused(f"auth entry {entry.id!r} no longer exists: LFS uploads are refused")
+        entry = current
     if client is not None and client.read_only:
         raise ReadOnlyRefused(f"client {client.name!r} is read-only: LFS uploads to {action.route.repo} are refused")
     if entry is not None and entry.read_only:

@@ -194,6 +194,9 @@ class Router:
     def upstream_hosts(self) -> list[str]:
         return list(self._upstreams)
 
+    def entry_by_id(self, entry_id: str) -> AuthEntry | None:
+        return next((rule.entry for rule in self._rules if rule.entry.id == entry_id), None)
+
     def resolve_route(self, method: str, raw_path: str, query_string: str) -> Route:
         try:
             host, repo_path, endpoint_segments, endpoint = _split_path(raw_path)

@@ -36,6 +36,7 @@ from proxy.testing import (
     pkcs1_pem,
     run_git,
 )
+from proxy.testing.fake_lfs import FakeLfs
 
 STATIC_TOKEN = "static-test-token-1234"
 PRIVATE_FILES = {"README.md": b"# private\n", "src/app.py": b"print('hello')\n"}
@@ -401,3 +402,12 @@ async def kill_all(processes: Iterable[ServeProcess]) -> None:
         if process.process and process.process.returncode is None:
             process.process.kill()
             await process.process.wait()
+
+
+@pytest.fixture
+async def lfs(fake_github: FakeGitHub, private_repo: str, tmp_path: Path) -> AsyncIterator[FakeLfs]:
+    storage = FakeLfs(root=tmp_path / "lfs")
+    await storage.start()
+    fake_github.lfs = storage
+    yield storage
+    await storage.close()

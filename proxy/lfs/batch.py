@@ -45,7 +45,8 @@ class LfsPolicy:
         if parts.scheme not in ("https", "http") or parts.username is not None or not parts.hostname:
             return None
         default = 443 if parts.scheme == "https" else 80
-        key = parts.hostname if port in (None, default) else f"{parts.hostname}:{port}"
+        hostname = parts.hostname.removesuffix(".")  # `host.` is the same DNS name
+        key = hostname if port in (None, default) else f"{hostname}:{port}"
         return self.storage_hosts.get(key.lower())
 
 
@@ -85,7 +86,7 @@ def rewrite_batch_answer(
     `header`: the storage credential stays in the handle. Anything the proxy cannot vouch for is refused whole,
     rather than passed on with a credential in it."""
     try:
-        document = json.loads(body)
+        document = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise UpstreamBadResponse("LFS batch answer is not JSON") from None
     objects = document.get("objects") if isinstance(document, dict) else None
@@ -102,6 +103,10 @@ def rewrite_batch_answer(
                 raise UpstreamBadResponse(f"LFS batch answer: action {name[:20]!r} has no href")
             storage = policy.storage_host_of(href)
             if storage is None or name not in _METHODS:
+                # Not a storage host of ours: passed on, but never with a credential. The sandbox may not reach
+                # it anyway; if it can, that host's own authentication (or a signed href) is all it gets.
+                if isinstance(action, dict):
+                    action.pop("header", None)
                 result.passed += 1
                 continue
             assert isinstance(action, dict)
@@ -113,16 +118,32 @@ def rewrite_batch_answer(
     return result
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python reads them, git-lfs would not
+
+
+# A signed href is a few hundred bytes to a couple of KiB, its headers less: a handle keeps them, so they are capped
+# (a hostile batch API must not make each of the store's handles hold a megabyte).
+MAX_HREF = 16 * 1024
+MAX_HEADERS = 16 * 1024
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+
+
 def _storage_action(
     name: str, action: dict[str, object], item: dict[str, object], storage: StorageHostConfig, route: Route,
     client: str | None,
 ) -> StorageAction:  # fmt: skip
     oid, size = item.get("oid"), item.get("size")
-    if not isinstance(oid, str) or not _OID.fullmatch(oid) or not isinstance(size, int) or size < 0:
+    if not isinstance(oid, str) or not _OID.fullmatch(oid) or type(size) is not int or size < 0:
         raise UpstreamBadResponse("LFS batch answer: an object without a SHA-256 oid and a size")
     header = action.get("header") or {}
     if not isinstance(header, dict) or not all(isinstance(v, str) for v in header.values()):
         raise UpstreamBadResponse("LFS batch answer: an action header that is not a map of strings")
+    if not all(_HEADER_NAME.match(str(k)) and _HEADER_VALUE.match(v) for k, v in header.items()):
+        raise UpstreamBadResponse("LFS batch answer: an action header with characters no header may hold")
+    if len(str(action["href"])) > MAX_HREF or sum(len(str(k)) + len(v) for k, v in header.items()) > MAX_HEADERS:
+        raise UpstreamBadResponse("LFS batch answer: an action href or header too long to keep")
     return StorageAction(
         name, _METHODS[name], str(action["href"]), tuple((str(k), v) for k, v in header.items()), storage.host, oid,
         size, route, client, time.monotonic() + _ttl(action),
@@ -134,13 +155,14 @@ def _ttl(action: Mapping[str, object]) -> float:
     ttl = MAX_TTL
     expires_in = action.get("expires_in")
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in != 0:
-        ttl = min(ttl, float(expires_in))  # 0 means "not given" in git-lfs
+        ttl = min(ttl, max(-1.0, min(float(MAX_TTL), expires_in)))  # 0 means "not given" in git-lfs; no float()
+        # of a 400-digit integer (OverflowError): it is bounded first
     expires_at = action.get("expires_at")
     if isinstance(expires_at, str) and expires_at:
         try:
             at = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
-        except ValueError:
+            if at.tzinfo is not None:
+                ttl = min(ttl, at.timestamp() - time.time())
+        except (ValueError, OverflowError, OSError):
             raise UpstreamBadResponse("LFS batch answer: expires_at is not an RFC 3339 time") from None
-        if at.tzinfo is not None:
-            ttl = min(ttl, at.timestamp() - time.time())
     return ttl

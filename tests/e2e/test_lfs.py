@@ -9,7 +9,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,15 +26,6 @@ from tests.conftest import Git, StartProxy, static_config
 MiB = 1024 * 1024
 REPO = "acme/private"
 CLIENT_A, CLIENT_B = "client-a-token-0123456789", "client-b-token-0123456789"
-
-
-@pytest.fixture
-async def lfs(fake_github: FakeGitHub, private_repo: str, tmp_path: Path) -> AsyncIterator[FakeLfs]:
-    storage = FakeLfs(root=tmp_path / "lfs")
-    await storage.start()
-    fake_github.lfs = storage
-    yield storage
-    await storage.close()
 
 
 def lfs_config(fake: FakeGitHub, storage: FakeLfs, **overrides: Any) -> dict[str, Any]:
