@@ -10,6 +10,7 @@ import os
 import select
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -168,14 +169,22 @@ def read_first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
 _LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def wait_until_answering(url: str, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT) -> None:
+def wait_until_answering(
+    url: str, process: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT, ca_file: Path | None = None
+) -> None:
     """Poll `url` until any HTTP answer comes back; an error status still proves the server is up."""
+    opener = _LOCAL_HTTP
+    if ca_file is not None:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_file))),
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with {process.returncode} while starting")
         try:
-            with _LOCAL_HTTP.open(url, timeout=2):
+            with opener.open(url, timeout=2):
                 return
         except urllib.error.HTTPError:
             return
@@ -185,18 +194,21 @@ def wait_until_answering(url: str, process: subprocess.Popen[bytes], timeout: fl
 
 
 @contextlib.contextmanager
-def fake_github_server(root: Path, workdir: Path) -> Iterator[Server]:
+def fake_github_server(root: Path, workdir: Path, tls: tuple[Path, Path] | None = None) -> Iterator[Server]:
+    """The fake in its own process; with `tls` (certificate, key) it serves HTTPS instead of HTTP."""
     command = [sys.executable, str(FAKE_SERVER_SCRIPT), "--root", str(root), "--token", TOKEN, "--host", HOST]
-    log_file = workdir / "fake-github.log"
+    if tls is not None:
+        command += ["--cert", str(tls[0]), "--key", str(tls[1])]
+    log_file = workdir / ("fake-github-tls.log" if tls else "fake-github.log")
     with running(command, log_file, stdout=subprocess.PIPE) as process:
         url = read_first_line(process, STARTUP_TIMEOUT)
         server = Server("fake-github", process, url, log_file)
-        wait_until_answering(f"{url}/", process)
+        wait_until_answering(f"{url}/", process, ca_file=tls[0] if tls else None)
         yield server
 
 
-def proxy_config(fake_url: str) -> dict[str, Any]:
-    return {
+def proxy_config(fake_url: str, ca_file: Path | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "upstreams": [{"host": "github.com", "url": fake_url}],
         "github": {
             "appInstallation": {
@@ -211,6 +223,9 @@ def proxy_config(fake_url: str) -> dict[str, Any]:
             }
         },
     }
+    if ca_file is not None:
+        config["tls"] = {"caFile": str(ca_file)}
+    return config
 
 
 def proxy_command() -> list[str]:
@@ -220,16 +235,19 @@ def proxy_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def token_proxy_server(fake_url: str, workdir: Path) -> Iterator[Server]:
-    config_file = workdir / "proxy.yaml"
-    config_file.write_text(yaml.safe_dump(proxy_config(fake_url), sort_keys=False))
+def token_proxy_server(
+    fake_url: str, workdir: Path, ca_file: Path | None = None, name: str = "proxy", env: Mapping[str, str] | None = None
+) -> Iterator[Server]:
+    config_file = workdir / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(proxy_config(fake_url, ca_file), sort_keys=False))
     port = free_port()
     command = [
         *proxy_command(), "serve", "--config", str(config_file), "--host", HOST, "--port", str(port),
         "--log-level", "WARNING",
     ]  # fmt: skip
-    log_file = workdir / "proxy.log"
-    with running(command, log_file, stdout=subprocess.DEVNULL) as process:
+    log_file = workdir / f"{name}.log"
+    extra = {} if env is None else {"env": {**os.environ, **env}}
+    with running(command, log_file, stdout=subprocess.DEVNULL, **extra) as process:
         url = f"http://{HOST}:{port}"
         wait_until_answering(f"{url}/healthz", process)
         yield Server("git-token-proxy", process, url, log_file)
@@ -240,17 +258,24 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def nginx_config(fake_url: str, port: int, prefix: Path) -> str:
+def nginx_config(fake_url: str, port: int, prefix: Path, ca_file: Path | None = None) -> str:
     credential = base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
     # master_process off: one process does all the work, so its VmHWM is nginx's whole footprint and one
     # SIGTERM stops it. Temp paths point into the prefix so nothing outside it is written or needs root.
+    verify = (
+        f"proxy_ssl_trusted_certificate {ca_file};\n            proxy_ssl_verify on;\n            "
+        "proxy_ssl_session_reuse on;"
+        if ca_file
+        else ""
+    )
     return f"""\
 daemon off;
 master_process off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/client_body;
@@ -271,6 +296,7 @@ http {{
             proxy_buffering off;
             proxy_request_buffering off;
             proxy_read_timeout 600s;
+            {verify}
         }}
     }}
 }}
@@ -278,12 +304,14 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx_server(nginx: str, fake_url: str, workdir: Path) -> Iterator[Server]:
-    prefix = workdir / "nginx"
+def nginx_server(
+    nginx: str, fake_url: str, workdir: Path, ca_file: Path | None = None, name: str = "nginx"
+) -> Iterator[Server]:
+    prefix = workdir / name
     prefix.mkdir()
     port = free_port()
     config_file = prefix / "nginx.conf"
-    config_file.write_text(nginx_config(fake_url, port, prefix))
+    config_file.write_text(nginx_config(fake_url, port, prefix, ca_file))
     # -e: the error log before the config is read, otherwise nginx tries /var/log/nginx/error.log first.
     command = [nginx, "-p", str(prefix), "-c", str(config_file), "-e", str(prefix / "error.log")]
     with running(command, prefix / "stderr.log", stdout=subprocess.DEVNULL) as process:
