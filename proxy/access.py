@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -154,3 +155,20 @@ def _basic_password(authorization: str | None) -> str | None:
     except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text, which b64decode refuses
         return None
     return password if colon and password else None
+
+
+def inflate_bounded(raw: bytes, encoding: str | None, limit: int) -> bytes | None:
+    """A body the proxy must read (a pack request for the mirror, an LFS batch answer) as it was before its
+    Content-Encoding, never more than `limit` bytes of it: a few KiB of gzip can inflate to gigabytes. None: an
+    encoding the proxy does not read, a corrupt stream, or more than `limit`."""
+    encoding = (encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw if len(raw) <= limit else None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    inflater = zlib.decompressobj(wbits=15 if encoding == "deflate" else 31)
+    try:
+        body = inflater.decompress(raw, limit)
+    except zlib.error:
+        return None
+    return None if inflater.unconsumed_tail or not inflater.eof else body

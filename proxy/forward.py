@@ -8,7 +8,6 @@ import logging
 import re
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, Client, enforce_read_only, read_whole_body
+from .access import AccessControl, Client, enforce_read_only, inflate_bounded, read_whole_body
 from .config import StorageHostConfig
 from .credentials import Credential, CredentialSource
 from .errors import (
@@ -353,7 +352,8 @@ async def _serve_from_mirror(
     assert context.mirror is not None
     raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
     exchange.request_sent = True  # the client owes nothing more: a long fill is not a client gone quiet
-    body = _inflated(raw, request.headers.get("Content-Encoding"))
+    # git gzips requests over 1 KiB; upload-pack reads them inflated.
+    body = inflate_bounded(raw, request.headers.get("Content-Encoding"), MIRROR_BODY_LIMIT)
     if body is not None and not await asyncio.to_thread(is_pack_request, body):
         return raw  # ls-refs: the refs are upstream's, at this moment, like info/refs
     exchange.mirror = "bypass"
@@ -369,20 +369,6 @@ async def _serve_from_mirror(
         return raw
     exchange.mirror, exchange.request_sent, exchange.bytes_in = answer.outcome, True, len(raw)
     return await _stream_mirror_answer(request, answer, exchange, context.metrics)
-
-
-def _inflated(raw: bytes, encoding: str | None) -> bytes | None:
-    """The body as upload-pack reads it (git gzips requests over 1 KiB), bounded; None: not one we can read."""
-    if not encoding or encoding.strip().lower() == "identity":
-        return raw
-    if encoding.strip().lower() not in ("gzip", "x-gzip"):
-        return None
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        body = inflater.decompress(raw, MIRROR_BODY_LIMIT)
-    except zlib.error:
-        return None
-    return None if inflater.unconsumed_tail or not inflater.eof else body
 
 
 async def _read_proven(route: Route, credential: Credential | None, context: ForwardContext) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +12,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ..access import inflate_bounded
 from ..config import LfsConfig, StorageHostConfig
 from ..errors import UpstreamBadResponse
 from ..routing import Route
@@ -64,18 +64,11 @@ async def read_batch_answer(upstream: aiohttp.ClientResponse) -> bytes:
         raw += chunk
         if len(raw) > BATCH_ANSWER_LIMIT:
             raise UpstreamBadResponse(f"LFS batch answer over {BATCH_ANSWER_LIMIT} bytes")
-    encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return bytes(raw)
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise UpstreamBadResponse(f"LFS batch answer in an encoding the proxy cannot read ({encoding[:20]})")
-    inflater = zlib.decompressobj(wbits=31 if "gzip" in encoding else 15)
-    try:
-        body = inflater.decompress(bytes(raw), BATCH_ANSWER_LIMIT + 1)
-    except zlib.error:
-        raise UpstreamBadResponse("LFS batch answer: corrupt compressed body") from None
-    if len(body) > BATCH_ANSWER_LIMIT or inflater.unconsumed_tail or not inflater.eof:
-        raise UpstreamBadResponse(f"LFS batch answer over {BATCH_ANSWER_LIMIT} bytes after decompression")
+    body = inflate_bounded(bytes(raw), upstream.headers.get("Content-Encoding"), BATCH_ANSWER_LIMIT)
+    if body is None:
+        raise UpstreamBadResponse(
+            f"LFS batch answer in an encoding the proxy cannot read, corrupt, or over {BATCH_ANSWER_LIMIT} bytes"
+        )
     return body
 
 
