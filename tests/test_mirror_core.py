@@ -102,23 +102,6 @@ def upstream_url(fake: FakeGitHub, full_name: str) -> str:
     return f"{fake.url}/{full_name}.git"
 
 
-def head_of(fake: FakeGitHub, full_name: str) -> str:
-    env = git_env(fake.root / "home")
-    return run_git_sync("rev-parse", "HEAD", env=env, cwd=fake.repo_path(full_name)).check().stdout.strip()
-
-
-def commit_upstream(fake: FakeGitHub, full_name: str, name: str, content: bytes) -> str:
-    """A commit pushed straight to upstream."""
-    env = git_env(fake.root / "home")
-    work = fake.root / f"work-{full_name.replace('/', '-')}-{name}"
-    run_git_sync("clone", "--quiet", str(fake.repo_path(full_name)), str(work), env=env).check()
-    (work / name).write_bytes(content)
-    run_git_sync("add", name, env=env, cwd=work).check()
-    run_git_sync("commit", "--quiet", "-m", f"add {name}", env=env, cwd=work).check()
-    run_git_sync("push", "--quiet", "origin", "HEAD", env=env, cwd=work).check()
-    return run_git_sync("rev-parse", "HEAD", env=env, cwd=work).check().stdout.strip()
-
-
 def mirror_path(tmp_path: Path, full_name: str) -> Path:
     owner, name = full_name.lower().split("/")
     return tmp_path / "mirror" / "repos" / "github.com" / owner / f"{name}.git"
@@ -201,7 +184,7 @@ async def test_a_cold_request_fills_and_the_next_one_is_a_hit(
     fake_github: FakeGitHub, credential: Credential, mirror: Mirror, metrics: Metrics, tmp_path: Path
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
 
     first = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head), "version=2", url, credential)
@@ -221,13 +204,13 @@ async def test_a_want_the_mirror_lacks_is_fetched_first(
     fake_github: FakeGitHub, credential: Credential, mirror: Mirror, metrics: Metrics, tmp_path: Path
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
-    old = head_of(fake_github, "acme/app")
+    old = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(old), "version=2", url, credential)
     assert answer is not None and answer.outcome == "filled"
     await read_all(answer)
 
-    new = commit_upstream(fake_github, "acme/app", "new.txt", b"pushed behind the mirror's back\n")
+    new = fake_github.commit("acme/app", "new.txt", b"pushed behind the mirror's back\n")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(new), "version=2", url, credential)
     assert answer is not None and answer.outcome == "filled"
     assert new in objects_in_pack(pack_of_v2_answer(await read_all(answer)), tmp_path / "new")
@@ -244,12 +227,12 @@ async def test_a_commit_no_ref_reaches_is_fetched_by_id(
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
     url = upstream_url(fake_github, "acme/app")
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head), "version=2", url, credential)
     assert answer is not None
     await read_all(answer)
     # A commit upstream holds under no ref that `refs/*` copies: only a fetch by id brings it.
-    orphan = commit_upstream(fake_github, "acme/app", "orphan.txt", b"on no branch\n")
+    orphan = fake_github.commit("acme/app", "orphan.txt", b"on no branch\n")
     env = git_env(fake_github.root / "home")
     run_git_sync("update-ref", "refs/heads/main", head, env=env, cwd=fake_github.repo_path("acme/app")).check()
 
@@ -263,7 +246,7 @@ async def test_sixteen_concurrent_cold_requests_cause_one_upstream_fetch(
 ) -> None:
     fake_github.create_repo("acme/app", {**FILES, "blob.bin": os.urandom(2 << 20)})
     fake_github.git_bytes_per_second = 4 << 20  # the fetch lasts a while, so that all 16 arrive during it
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
 
     answers = await asyncio.gather(*(
@@ -283,7 +266,7 @@ async def test_a_client_that_goes_away_does_not_cancel_the_shared_fill(
 ) -> None:
     fake_github.create_repo("acme/app", {**FILES, "blob.bin": os.urandom(1 << 20)})
     fake_github.git_bytes_per_second = 2 << 20
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
     body = v2_fetch(head)
     leaving = asyncio.create_task(mirror.answer_pack(repo_ref("acme/app"), body, "version=2", url, credential))
@@ -305,7 +288,7 @@ async def test_requests_other_than_a_fetch_go_upstream(
     url = upstream_url(fake_github, "acme/app")
     assert await mirror.answer_pack(repo_ref("acme/app"), v2_ls_refs(), "version=2", url, credential) is None
     assert await mirror.answer_pack(repo_ref("acme/app"), b"not pkt-lines", None, url, credential) is None
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     # Only http(s) upstreams: a URL git would run a command for is never fetched from.
     assert await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head), None, "ext::sh -c x", credential) is None
     assert not (tmp_path / "mirror" / "repos" / "github.com").exists()
@@ -327,12 +310,12 @@ async def test_wants_upstream_cannot_give_and_refusals_go_upstream(
 
     fake_github.create_repo("acme/other", FILES)
     other = upstream_url(fake_github, "acme/other")
-    first = await mirror.answer_pack(repo_ref("acme/other"), v2_fetch(head_of(fake_github, "acme/other")),
+    first = await mirror.answer_pack(repo_ref("acme/other"), v2_fetch(fake_github.head("acme/other")),
                                      "version=2", other, credential)  # fmt: skip
     assert first is not None
     await first.close()
     del fake_github.grants[TOKEN]  # revoked: the fetch a new commit needs fails
-    new = commit_upstream(fake_github, "acme/other", "new.txt", b"new\n")
+    new = fake_github.commit("acme/other", "new.txt", b"new\n")
     assert await mirror.answer_pack(repo_ref("acme/other"), v2_fetch(new), "version=2", other, credential) is None
     assert fetches(metrics, "failed") == 1
 
@@ -351,7 +334,7 @@ async def test_an_unusable_mirror_directory_means_bypass(
     (tmp_path / "not-a-dir").write_text("a file where the mirror directory should be\n")
     mirror = Mirror(MirrorConfig(dir=tmp_path / "not-a-dir"), None, metrics)
     try:
-        head = head_of(fake_github, "acme/app")
+        head = fake_github.head("acme/app")
         url = upstream_url(fake_github, "acme/app")
         assert await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head), "version=2", url, credential) is None
     finally:
@@ -366,7 +349,7 @@ async def test_want_ref_refreshes_the_mirror_first(
     body = v2_fetch(want_refs=("refs/heads/main",))
     answer = await mirror.answer_pack(repo_ref("acme/app"), body, "version=2", url, credential)
     assert answer is not None and answer.outcome == "filled"
-    assert head_of(fake_github, "acme/app") in objects_in_pack(pack_of_v2_answer(await read_all(answer)), tmp_path)
+    assert fake_github.head("acme/app") in objects_in_pack(pack_of_v2_answer(await read_all(answer)), tmp_path)
 
 
 # ---------------------------------------------------------------- integrity
@@ -376,7 +359,7 @@ async def test_a_mirror_without_its_packs_is_filled_again(
     fake_github: FakeGitHub, credential: Credential, mirror: Mirror, tmp_path: Path
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head), "version=2", url, credential)
     assert answer is not None
@@ -397,13 +380,13 @@ async def test_a_mirror_missing_history_bypasses_once_and_is_rebuilt(
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
     url = upstream_url(fake_github, "acme/app")
-    first = head_of(fake_github, "acme/app")
+    first = fake_github.head("acme/app")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(first), "version=2", url, credential)
     assert answer is not None
     await read_all(answer)
     pack_dir = mirror_path(tmp_path, "acme/app") / "objects" / "pack"
     old_packs = set(pack_dir.iterdir())
-    second = commit_upstream(fake_github, "acme/app", "second.txt", b"second\n")
+    second = fake_github.commit("acme/app", "second.txt", b"second\n")
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(second), "version=2", url, credential)
     assert answer is not None and answer.outcome == "filled"
     await read_all(answer)
@@ -425,7 +408,7 @@ async def test_lock_files_of_an_interrupted_fetch_do_not_block_the_next_one(
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
     url = upstream_url(fake_github, "acme/app")
-    answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(head_of(fake_github, "acme/app")),
+    answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(fake_github.head("acme/app")),
                                       "version=2", url, credential)  # fmt: skip
     assert answer is not None
     await read_all(answer)
@@ -433,7 +416,7 @@ async def test_lock_files_of_an_interrupted_fetch_do_not_block_the_next_one(
     for lock in (repo / "refs" / "heads" / "main.lock", repo / "packed-refs.lock"):
         lock.write_text("left by a killed git\n")
         os.utime(lock, (1_000_000_000, 1_000_000_000))
-    new = commit_upstream(fake_github, "acme/app", "after.txt", b"after the crash\n")
+    new = fake_github.commit("acme/app", "after.txt", b"after the crash\n")
 
     answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(new), "version=2", url, credential)
     assert answer is not None and answer.outcome == "filled"
@@ -452,7 +435,7 @@ async def test_max_size_holds_across_three_repos_and_spares_the_one_being_read(
 
     async def serve(name: str) -> MirrorAnswer:
         url = upstream_url(fake_github, f"acme/{name}")
-        head = head_of(fake_github, f"acme/{name}")
+        head = fake_github.head(f"acme/{name}")
         answer = await mirror.answer_pack(repo_ref(f"acme/{name}"), v2_fetch(head), "version=2", url, credential)
         assert answer is not None
         return answer
@@ -485,7 +468,7 @@ async def test_the_token_never_reaches_disk_or_a_command_line(
 ) -> None:
     fake_github.create_repo("acme/app", {**FILES, "blob.bin": os.urandom(1 << 20)})
     fake_github.git_bytes_per_second = 1 << 20  # a second or so of fetch, to look at the processes during it
-    head = head_of(fake_github, "acme/app")
+    head = fake_github.head("acme/app")
     url = upstream_url(fake_github, "acme/app")
     secrets = [TOKEN.encode(), credential.authorization.encode(), base64.b64encode(TOKEN.encode())]
 
@@ -601,7 +584,7 @@ async def test_real_clones_are_served_from_the_mirror(
     fake_github: FakeGitHub, forward: MiniForward, git: Git, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     fake_github.create_repo("acme/app", FILES)
-    commit_upstream(fake_github, "acme/app", "second.txt", b"a second commit, so that depth 1 means something\n")
+    fake_github.commit("acme/app", "second.txt", b"a second commit, so that depth 1 means something\n")
     url = f"{forward.url}/acme/app.git"
     config, clone_options = options[:2], options[2:]
 

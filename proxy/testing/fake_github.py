@@ -122,6 +122,23 @@ class FakeGitHub:
                 run_git_sync("push", "--quiet", str(bare), branch, env=env, cwd=worktree).check()
         return bare
 
+    def commit(self, full_name: str, name: str, content: bytes) -> str:
+        """A commit pushed straight to the repo, behind any proxy's back; its id."""
+        env = git_env(self.root / "home")
+        with tempfile.TemporaryDirectory(dir=self.root) as work:
+            worktree = Path(work) / "clone"
+            run_git_sync("clone", "--quiet", str(self.repo_path(full_name)), str(worktree), env=env).check()
+            (worktree / name).write_bytes(content)
+            run_git_sync("add", name, env=env, cwd=worktree).check()
+            run_git_sync("commit", "--quiet", "-m", f"add {name}", env=env, cwd=worktree).check()
+            run_git_sync("push", "--quiet", "origin", "HEAD", env=env, cwd=worktree).check()
+            return run_git_sync("rev-parse", "HEAD", env=env, cwd=worktree).check().stdout.strip()
+
+    def head(self, full_name: str) -> str:
+        """The commit id the repo's HEAD points at."""
+        env = git_env(self.root / "home")
+        return run_git_sync("rev-parse", "HEAD", env=env, cwd=self.repo_path(full_name)).check().stdout.strip()
+
     # ------------------------------------------------------------ queries for tests
 
     @property

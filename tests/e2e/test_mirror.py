@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.app import PROXY
-from proxy.testing import FakeGitHub, git_env, run_git_sync
+from proxy.testing import FakeGitHub
 from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, Replicas, StartProxy, static_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,18 +33,6 @@ def blobs(size: int, count: int) -> dict[str, bytes]:
 
 def upstream_pack_bytes(fake: FakeGitHub) -> int:
     return fake.upload_pack_bytes
-
-
-async def commit_upstream(fake: FakeGitHub, repo: str, name: str, content: bytes) -> str:
-    """A commit pushed straight to upstream, behind the proxy's back."""
-    env = git_env(fake.root / "home")
-    work = fake.root / f"work-{name}"
-    run_git_sync("clone", "--quiet", str(fake.repo_path(repo)), str(work), env=env).check()
-    (work / name).write_bytes(content)
-    run_git_sync("add", name, env=env, cwd=work).check()
-    run_git_sync("commit", "--quiet", "-m", f"add {name}", env=env, cwd=work).check()
-    run_git_sync("push", "--quiet", "origin", "HEAD", env=env, cwd=work).check()
-    return run_git_sync("rev-parse", "HEAD", env=env, cwd=work).check().stdout.strip()
 
 
 @pytest.fixture
@@ -75,7 +63,7 @@ async def test_new_upstream_commits_and_pushes_through_the_proxy_are_seen(
 ) -> None:
     proxy = await start_proxy(mirror_config(fake_github, tmp_path / "mirror"))
     await git("clone", "--quiet", f"{proxy}/github.com/{big_repo}", "work")
-    behind_the_back = await commit_upstream(fake_github, big_repo, "upstream.txt", b"from upstream\n")
+    behind_the_back = fake_github.commit(big_repo, "upstream.txt", b"from upstream\n")
     await git("pull", "--quiet", "--ff-only", cwd=git.workdir / "work")
     assert (git.workdir / "work" / "upstream.txt").read_bytes() == b"from upstream\n"
     head = await git("rev-parse", "HEAD", cwd=git.workdir / "work")
