@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .config import AccessClient
+from .config import AccessClient, AuthEntry
 from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused, RequestBodyRefused
 from .routing import LFS_BATCH, LinearPattern, Route, Service, compile_repo_pattern
 
@@ -35,17 +35,23 @@ class Client:
     read_only: bool
 
 
+def read_only_party(client: Client | None, entry: AuthEntry | None) -> str | None:
+    """Who makes this request read-only ("client 'ci'", "auth entry 'acme-app'"), or None: it may write."""
+    if client is not None and client.read_only:
+        return f"client {client.name!r}"
+    if entry is not None and entry.read_only:
+        return f"auth entry {entry.id!r}"
+    return None
+
+
 async def enforce_read_only(
     request: web.Request, route: Route, client: Client | None, body_timeout: float
 ) -> bytes | None:
     """Refuse writes for a read-only client or entry. An LFS batch request is read whole (bounded in size and
     time) to see whether it uploads; its bytes are returned, and `forward` sends exactly them with a
     Content-Length it computes. None: nothing was read, stream as usual."""
-    if client is not None and client.read_only:
-        who = f"client {client.name!r}"
-    elif route.entry is not None and route.entry.read_only:
-        who = f"auth entry {route.entry.id!r}"
-    else:
+    who = read_only_party(client, route.entry)
+    if who is None:
         return None
     if is_write(route, request.method):
         raise ReadOnlyRefused(f"{who} is read-only: pushes to {route.repo} are refused")

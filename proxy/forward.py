@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, Client, enforce_read_only, inflate_bounded, read_whole_body
+from .access import AccessControl, Client, enforce_read_only, inflate_bounded, read_only_party, read_whole_body
 from .config import StorageHostConfig
 from .credentials import Credential, CredentialSource
 from .errors import (
@@ -529,10 +529,9 @@ def _refuse_lfs_write(client: Client | None, action: StorageAction, router: Rout
         if current is None:
             raise ReadOnlyRefused(f"auth entry {entry.id!r} no longer exists: LFS uploads are refused")
         entry = current
-    if client is not None and client.read_only:
-        raise ReadOnlyRefused(f"client {client.name!r} is read-only: LFS uploads to {action.route.repo} are refused")
-    if entry is not None and entry.read_only:
-        raise ReadOnlyRefused(f"auth entry {entry.id!r} is read-only: LFS uploads to {action.route.repo} are refused")
+    who = read_only_party(client, entry)
+    if who is not None:
+        raise ReadOnlyRefused(f"{who} is read-only: LFS uploads to {action.route.repo} are refused")
 
 
 async def _lfs_request_body(request: web.Request, action: StorageAction, body_timeout: float) -> bytes | None:
