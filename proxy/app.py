@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -21,19 +22,23 @@ from .access import AccessControl
 from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry
 from .credentials import CredentialSource
 from .credentials.cache import TokenCache
-from .credentials.github_api import GitHubAppApi
-from .credentials.github_app import GitHubAppSource
 from .credentials.keys import AppKey, load_app_key
-from .credentials.redis_store import RedisStore
 from .credentials.shared import Sealer, SharedTokens, StoreFactory, local_stores, tiered_stores
 from .credentials.static import StaticTokenSource
 from .errors import ProxyError
 from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_lfs_object, forward_request
 from .lfs import LfsPolicy
 from .metrics import Metrics
-from .mirror import Mirror
-from .mirror.proof import AuthProof
 from .routing import Router, base_url_host
+
+# What only some configs use is imported where it is built: the GitHub App client and its answer models (about 1 MiB
+# of RSS) for app entries, redis-py (about 5 MiB) for cache.redis, the mirror package for mirror.dir. A proxy with
+# static tokens loads none of them.
+if TYPE_CHECKING:
+    from .credentials.github_app import GitHubAppSource
+    from .credentials.redis_store import RedisStore
+    from .mirror import Mirror
+    from .mirror.proof import AuthProof
 
 log = logging.getLogger("git_token_proxy.app")
 
@@ -102,6 +107,8 @@ def build_shared_tier(config: Config, metrics: Metrics) -> SharedTier | None:
     settings = config.cache.redis
     if settings is None:
         return None
+    from .credentials.redis_store import RedisStore
+
     store = RedisStore(settings.url, settings.key_prefix, settings.connect_timeout, metrics, config.tls.ca_file)
     sealer = Sealer(settings.fernet_keys())
     lease_ttl = config.github.app_installation.http_client_timeout + LEASE_MARGIN
@@ -138,6 +145,9 @@ def build_credential_sources(
         if isinstance(entry, OAuthTokenEntry):
             source = StaticTokenSource(entry)
         else:
+            from .credentials.github_api import GitHubAppApi
+            from .credentials.github_app import GitHubAppSource
+
             api = GitHubAppApi(
                 entry_id=entry.id, api_url=api_url_for(entry, config), issuer=entry.issuer, key=keys[entry.id],
                 session=api_session, timeout=settings.http_client_timeout,
@@ -212,6 +222,9 @@ class MirrorService:
 def build_mirror(config: Config, metrics: Metrics) -> MirrorService | None:
     if config.mirror is None:
         return None
+    from .mirror import Mirror
+    from .mirror.proof import AuthProof
+
     return MirrorService(Mirror(config.mirror, config.tls.ca_file, metrics), AuthProof(config.mirror.auth_ttl))
 
 
@@ -247,6 +260,8 @@ class Proxy:
 
     @property
     def app_sources(self) -> dict[str, GitHubAppSource]:
+        from .credentials.github_app import GitHubAppSource
+
         return {k: s for k, s in self.live.current.sources.items() if isinstance(s, GitHubAppSource)}
 
     async def reload(self, config: Config) -> None:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -61,9 +62,11 @@ from .lfs import (
 )
 from .logs import REQUEST_ID, sanitise_for_client
 from .metrics import REFUSED, Metrics
-from .mirror import Mirror, MirrorAnswer, is_pack_request
-from .mirror.proof import AuthProof
 from .routing import INFO_REFS, LFS_BATCH, UPLOAD_PACK, Route, Router, Service
+
+if TYPE_CHECKING:  # the mirror package is loaded by app.build_mirror, for mirror.dir only
+    from .mirror import Mirror, MirrorAnswer
+    from .mirror.proof import AuthProof
 
 log = logging.getLogger("git_token_proxy.forward")
 audit_log = logging.getLogger("git_token_proxy.audit")
@@ -349,6 +352,8 @@ async def _serve_from_mirror(
     """A pack from the mirror, or the request's raw body to send upstream instead (a bypass). Refs and the right
     to read come from upstream every time: this runs only for the pack request, after access control, and only
     while upstream's recent answer proves that the credential can read the repo."""
+    from .mirror import is_pack_request  # loaded already: context.mirror exists
+
     assert context.mirror is not None
     raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
     exchange.request_sent = True  # the client owes nothing more: a long fill is not a client gone quiet

@@ -11,14 +11,13 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
 
-from aiocache import SimpleMemoryCache
-from aiocache.serializers import NullSerializer
-
 from ..metrics import Metrics
 from . import Credential
 
-if TYPE_CHECKING:  # shared.py builds on this module: the import only serves the type
-    from .shared import SharedTokens
+if TYPE_CHECKING:
+    from aiocache import SimpleMemoryCache
+
+    from .shared import SharedTokens  # shared.py builds on this module: the import only serves the type
 
 log = logging.getLogger("git_token_proxy.cache")
 
@@ -73,18 +72,24 @@ class BoundedDict(OrderedDict[K, V]):
 
 
 class BoundedStore:
-    """aiocache's SimpleMemoryCache (entries expire by TTL) with a bound on the number of entries, oldest out."""
+    """aiocache's SimpleMemoryCache (entries expire by TTL) with a bound on the number of entries, oldest out.
+
+    The SimpleMemoryCache is made by the first `set`, and aiocache imported then: importing aiocache imports
+    redis-py too (about 5 MiB of RSS, for a backend never used here), and a proxy with static tokens only, whose
+    token cache stays empty, never stores anything."""
 
     def __init__(self, max_entries: int, namespace: str) -> None:
-        # timeout=None: aiocache would otherwise wrap every get in asyncio.wait_for, a task per lookup.
-        self._cache = SimpleMemoryCache(serializer=NullSerializer(), namespace=namespace, timeout=None)
+        self._cache: SimpleMemoryCache | None = None
+        self._namespace = namespace
         self._keys: OrderedDict[str, None] = OrderedDict()
         self._max_entries = max_entries
 
     async def get(self, key: str) -> Any:
-        return await self._cache.get(key)
+        return None if self._cache is None else await self._cache.get(key)
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
+        if self._cache is None:
+            self._cache = _memory_cache(self._namespace)
         await self._cache.set(key, value, ttl=max(ttl, 0.001))
         self._keys[key] = None
         self._keys.move_to_end(key)
@@ -94,14 +99,23 @@ class BoundedStore:
 
     async def delete(self, key: str) -> None:
         self._keys.pop(key, None)
-        await self._cache.delete(key)
+        if self._cache is not None:
+            await self._cache.delete(key)
 
     def clear(self) -> None:
-        self._cache = SimpleMemoryCache(serializer=NullSerializer(), namespace=self._cache.namespace, timeout=None)
+        self._cache = None
         self._keys.clear()
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _memory_cache(namespace: str) -> SimpleMemoryCache:
+    from aiocache import SimpleMemoryCache
+    from aiocache.serializers import NullSerializer
+
+    # timeout=None: aiocache would otherwise wrap every get in asyncio.wait_for, a task per lookup.
+    return SimpleMemoryCache(serializer=NullSerializer(), namespace=namespace, timeout=None)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from functools import cached_property
 from typing import Any
 
 import aiohttp
-import jwt
 from multidict import CIMultiDictProxy
 
 from .. import __version__
@@ -86,6 +85,11 @@ class GitHubAppApi:
         self, *, entry_id: str, api_url: str, issuer: str, key: AppKey, session: aiohttp.ClientSession,
         timeout: float,
     ) -> None:  # fmt: skip
+        # PyJWT (about 1.5 MiB of RSS) is imported with the first app entry, at start-up or on a reload, rather
+        # than with this module: `serve` imports the module for every config, and static tokens never sign a JWT.
+        import jwt
+
+        self._encode_jwt = jwt.encode
         self.entry_id = entry_id
         self.api_url = api_url
         self.issuer = issuer
@@ -183,7 +187,7 @@ class GitHubAppApi:
         if self._jwt is None or time.monotonic() - self._jwt_signed_at > JWT_REUSE:
             now = int(time.time() + self._skew)
             claims = {"iat": now - JWT_BACKDATE, "exp": now + JWT_LIFETIME, "iss": self.issuer}
-            self._jwt = jwt.encode(claims, self._key.key, algorithm="RS256")
+            self._jwt = self._encode_jwt(claims, self._key.key, algorithm="RS256")
             self._jwt_signed_at = time.monotonic()
         return self._jwt
 

@@ -7,13 +7,16 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
 from ..files import read_regular_file
 from ..pem import base64_pem, key_file_of, normalise_pem
+
+# cryptography is imported where a key is parsed, not here: its Rust core costs a process about 7 MiB of RSS, and a
+# config with static tokens only (which `serve` and `check` import this module for) never parses a key.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 __all__ = ["AppKey", "fingerprint_of", "key_file_of", "load_app_key", "normalise_pem"]
 
@@ -60,6 +63,9 @@ def _read_key_file(entry_id: str, value: str) -> tuple[str, bytes]:
 
 
 def _parse_private_key(entry_id: str, source: str, pem: bytes) -> rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     where = f"auth entry {entry_id!r}: privateKey ({source})"
     if b"PUBLIC KEY-----" in pem or pem.startswith(b"ssh-rsa "):
         raise ConfigError(f"{where} is a public key; GitHub Apps sign with the private key (.pem from the app page)")
@@ -85,5 +91,7 @@ def _parse_private_key(entry_id: str, source: str, pem: bytes) -> rsa.RSAPrivate
 
 
 def fingerprint_of(key: rsa.RSAPrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "SHA256:" + base64.b64encode(hashlib.sha256(public).digest()).decode().rstrip("=")

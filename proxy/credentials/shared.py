@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
 from . import Credential
 from .cache import BoundedStore, CachedToken
 
@@ -67,9 +65,14 @@ def token_tag(token: str) -> bytes:
 
 class Sealer:
     """Fernet: AES-128-CBC with an HMAC, so a value read back is either exactly what a replica with the same key
-    wrote, or refused. MultiFernet: the first key seals, every key opens (rotation)."""
+    wrote, or refused. MultiFernet: the first key seals, every key opens (rotation).
+
+    cryptography is imported in the methods, not at the top: only cache.redis makes a Sealer, and this module is
+    loaded by every proxy, most of which would otherwise carry cryptography's Rust core (about 7 MiB of RSS)."""
 
     def __init__(self, keys: list[str]) -> None:
+        from cryptography.fernet import Fernet, MultiFernet
+
         self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
         self._undecryptable_logged = False
 
@@ -79,6 +82,8 @@ class Sealer:
     def open(self, sealed: bytes) -> dict[str, Any] | None:
         """The value, or None for anything that does not decrypt or parse (another fleet's key, a value from an
         older version): a miss, logged once per process, never an error and never garbage used as a token."""
+        from cryptography.fernet import InvalidToken
+
         try:
             value = json.loads(self._fernet.decrypt(sealed))
         except (InvalidToken, ValueError, TypeError):
