@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .access import AccessControl, Client, enforce_read_only, inflate_bounded, read_only_party, read_whole_body
+from .coalesce import pause_after_small_read
 from .config import StorageHostConfig
 from .credentials import Credential, CredentialSource
 from .errors import (
@@ -275,7 +276,7 @@ async def forward_request(request: web.Request) -> web.StreamResponse:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
 
 
 async def _forward(
@@ -328,7 +329,7 @@ async def _exchange_with_upstream(
     complete = False
     try:
         # No reason phrase from upstream: it may hold control characters, and git reads only the status code.
-        response = web.StreamResponse(status=opened.upstream.status, headers=opened.headers)
+        response = _PassedOn(status=opened.upstream.status, headers=opened.headers)
         response.headers["X-Request-Id"] = exchange.request_id
         exchange.status = response.status
         complete = await _stream_back(request, opened.upstream, response, exchange)
@@ -626,6 +627,7 @@ async def _stream_verified(
             if held:
                 await response.write(held)
                 exchange.bytes_out += len(held)
+            pause_after_small_read(_transport_of(upstream), len(chunk), check.received)
             held = chunk
         if check.matches():
             await response.write(held)
@@ -744,6 +746,14 @@ async def _token_was_dead(
     return False
 
 
+class _PassedOn(web.StreamResponse):
+    """An answer passed on from upstream. Its headers go out with the first bytes of its body, and its last chunk
+    with the chunked terminator: a small answer (info/refs, a negotiation round) is one send to the client rather
+    than three. (aiohttp's own `web.Response` buffers its headers the same way.)"""
+
+    _send_headers_immediately = False
+
+
 async def _stream_back(
     request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: _Exchange
 ) -> bool:
@@ -751,11 +761,16 @@ async def _stream_back(
     response reached the client."""
     await response.prepare(request)
     exchange.answering = True
+    body = upstream.content
     try:
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+        async for chunk in body.iter_any():
+            if body.at_eof():  # upstream's last chunk came with its terminator: both go out in one send
+                await response.write_eof(chunk)
+            else:
+                await response.write(chunk)
+                pause_after_small_read(_transport_of(upstream), len(chunk), exchange.bytes_out)
             exchange.bytes_out += len(chunk)
-        await response.write_eof()
+        await response.write_eof()  # a no-op when the last chunk has ended the answer already
         return True
     # ConnectionError first: aiohttp's ClientConnectionResetError is also a ClientError, and a client that hangs
     # up mid-clone (Ctrl-C), or is cut for going quiet, is routine, not an upstream failure worth a traceback.
@@ -777,6 +792,10 @@ async def _stream_back(
         exchange.aborted = "internal error (see the proxy's log)"
         _abort_client(request)
     return False
+
+
+def _transport_of(upstream: aiohttp.ClientResponse) -> asyncio.Transport | None:
+    return upstream.connection.transport if upstream.connection is not None else None
 
 
 def _abort_client(request: web.Request) -> None:
