@@ -180,11 +180,15 @@ class _Rule:
 # ---------------------------------------------------------------- the router
 
 
+RESOLVED_ROUTES = 256  # routes remembered per router: four endpoints each of 64 repos
+
+
 class Router:
-    """Built once per config; `resolve_route` is pure and does no I/O."""
+    """Built once per config (so a reload forgets every route); `resolve_route` is pure and does no I/O."""
 
     def __init__(self, upstreams: Sequence[UpstreamConfig], entries: Sequence[AuthEntry]) -> None:
         self._upstreams = {upstream.host: upstream for upstream in upstreams}
+        self._resolved: dict[tuple[str, str, str], Route] = {}
         self._rules = []
         for entry in entries:
             pattern = compile_url_pattern(entry.id, entry.url_pattern)
@@ -198,6 +202,19 @@ class Router:
         return next((rule.entry for rule in self._rules if rule.entry.id == entry_id), None)
 
     def resolve_route(self, method: str, raw_path: str, query_string: str) -> Route:
+        """The route of a request, or the ProxyError that refuses it. Routes found are remembered, a bounded number
+        and the oldest out: git asks for the same few paths again and again, and checking a path and matching the
+        patterns is most of what a warm request costs the proxy before it reaches upstream."""
+        key = (method, raw_path, query_string)
+        route = self._resolved.get(key)
+        if route is None:
+            route = self._resolve(method, raw_path, query_string)
+            if len(self._resolved) >= RESOLVED_ROUTES:
+                del self._resolved[next(iter(self._resolved))]
+            self._resolved[key] = route
+        return route
+
+    def _resolve(self, method: str, raw_path: str, query_string: str) -> Route:
         try:
             host, repo_path, endpoint_segments, endpoint = _split_path(raw_path)
         except NotAGitEndpoint:

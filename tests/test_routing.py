@@ -14,7 +14,7 @@ from proxy.errors import (
     MethodNotAllowed,
     NotAGitEndpoint,
 )
-from proxy.routing import Router, Service, translate_java_regex
+from proxy.routing import RESOLVED_ROUTES, Router, Service, translate_java_regex
 
 INFO_REFS = "service=git-upload-pack"
 
@@ -223,3 +223,14 @@ def test_a_known_host_with_a_wrong_endpoint_is_still_an_endpoint_error() -> None
 def test_an_empty_segment_names_the_insteadof_rule() -> None:
     with pytest.raises(BadRequestPath, match="empty path segment \\(//\\): both URLs of an insteadOf rule"):
         make_router().resolve_route("GET", "/github.com//acme/app/info/refs", INFO_REFS)
+
+
+def test_routes_found_are_remembered_a_bounded_number() -> None:
+    router = make_router(r"(?<baseUrl>github\.com)/acme/.*")
+    first = router.resolve_route("GET", "/github.com/acme/app.git/info/refs", INFO_REFS)
+    assert router.resolve_route("GET", "/github.com/acme/app.git/info/refs", INFO_REFS) is first
+    for number in range(RESOLVED_ROUTES):
+        router.resolve_route("POST", f"/github.com/acme/repo-{number}.git/git-upload-pack", "")
+    again = router.resolve_route("GET", "/github.com/acme/app.git/info/refs", INFO_REFS)
+    assert again is not first  # the oldest went out when the table was full...
+    assert again == first  # ...and the same request finds the same route again
