@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import clone, token_lookup
+from bench import clone, stream, token_lookup
 from bench.clone import HOST, MIB, REPO, TOKEN, Server, cpu_seconds, log, proc_status_mib
 from proxy.testing import FakeGitHub, git_env
 
@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle", type=int, help="idle keep-alive connections (default 1000, --quick 200)")
     parser.add_argument("--latency", type=int, help="warm info/refs requests per path (default 300, --quick 60)")
     parser.add_argument("--lookups", type=int, help="warm token look-ups (default 100000, --quick 20000)")
+    parser.add_argument("--stream-mib", type=int, help="size of the bare upstream's answer (default 512, --quick 128)")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS-upstream clones")
+    parser.add_argument("--no-stream", action="store_true", help="skip the bare-upstream streaming case")
     parser.add_argument("--only-clone", action="store_true", help="only the big clones (for profiling runs)")
     parser.add_argument(
         "--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
@@ -67,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          for label, _, assignments in (v.partition(":") for v in args.variant)}  # fmt: skip
     except ValueError:
         parser.error("--variant takes LABEL:NAME=VALUE[,NAME=VALUE...]")
-    defaults = {"size_mib": (200, 50), "rounds": (3, 1), "concurrent": (200, 50), "idle": (1000, 200),
-                "latency": (300, 60), "lookups": (100_000, 20_000)}  # fmt: skip
+    defaults = {"size_mib": (200, 50), "stream_mib": (512, 128), "rounds": (3, 1), "concurrent": (200, 50),
+                "idle": (1000, 200), "latency": (300, 60), "lookups": (100_000, 20_000)}  # fmt: skip
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -352,6 +354,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 results["peak_rss_after_concurrent_mib"] = {
                     path: proc_status_mib(server.pid, "VmHWM") for path, server in world.servers().items()
                 }
+    if not args.only_clone and not args.no_stream:
+        streamed = stream.stream_rounds(workdir, nginx, args.stream_mib, max(3, args.rounds), args.variants)
+        results["stream"] = {
+            mode: {"cpu_s_per_gib": {path: statistics.median(v) for path, v in r.cpu_s_per_gib.items()},
+                   "s": {path: statistics.median(v) for path, v in r.seconds.items()}}
+            for mode, r in streamed.items()
+        }  # fmt: skip
     if not args.only_clone:
         cold_ms, warm, static, _ = asyncio.run(token_lookup.figures(args.lookups))
         results["token_lookup"] = {"cold_ms": cold_ms, "warm_us": statistics.median(warm) / 1000,
@@ -382,6 +391,13 @@ def render(results: Mapping[str, Any]) -> str:
         row(f"peak RSS MiB, VmHWM ({upstream})",
             {path: f"{value:.1f}" for path, value in results["peak_rss_mib"][kind].items()
              if value is not None})  # fmt: skip
+    for mode, figures in results.get("stream", {}).items():
+        row(f"stream {args['stream_mib']} MiB from a bare upstream ({stream.MODE_LABELS[mode]}): CPU s/GiB",
+            {path: f"{value:.2f}" for path, value in figures["cpu_s_per_gib"].items()})  # fmt: skip
+        row(
+            "  its time vs direct",
+            {path: f"{value / figures['s']['direct']:.2f}" for path, value in figures["s"].items()},
+        )
     if "latency_ms" in results:
         latency = results["latency_ms"]
         direct = latency["direct"]
