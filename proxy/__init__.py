@@ -1,8 +1,5 @@
 """git-token-proxy: git clients talk plain HTTP to it; it adds a GitHub token and streams to GitHub and back."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("git-token-proxy")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+# The one place the version is written (pyproject.toml reads it from here). A literal, not importlib.metadata: that
+# would cost every proxy process its zipfile/email/csv imports (about 0.3 MiB) to learn a string.
+__version__ = "0.1.0"
