@@ -334,6 +334,12 @@ def proc_status_mib(pid: int, field: str) -> float | None:
     return None
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Sets VmHWM back to the current RSS (Linux 4.0+), so that a peak read later belongs to what ran since."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of the process itself (not its children), from /proc/<pid>/stat."""
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import clone, stream, token_lookup
-from bench.clone import HOST, MIB, REPO, TOKEN, Server, cpu_seconds, log, proc_status_mib
+from bench.clone import HOST, MIB, REPO, TOKEN, Server, cpu_seconds, log, proc_status_mib, reset_peak_rss
 from proxy.testing import FakeGitHub, git_env
 
 SMALL_REPO = "acme/small"
@@ -40,6 +40,8 @@ LABELS = {"direct": "direct", "nginx": "nginx (fixed header)", "proxy": "git-tok
 GIB = 1 << 30
 IDLE_TIMEOUT = 60.0  # seconds to open every idle connection
 LATENCY_TIMEOUT = 10.0  # seconds for one info/refs request
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_BEGIN, README_END = "<!-- python -m bench --readme: begin -->", "<!-- python -m bench --readme: end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--clone-timeout", type=float, default=300.0, help="seconds before one clone is abandoned")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.add_argument(
+        "--readme", action="store_true",
+        help=f"also write the table (without --variant columns) into README.md between {README_BEGIN} and {README_END}",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         args.variants = {label: dict(pair.split("=", 1) for pair in assignments.split(",") if pair)
@@ -175,6 +181,8 @@ def clone_rounds(world: Stack, repo: clone.BigRepo, args: argparse.Namespace, sc
     result = CloneResult(times={path: [] for path in world.paths()}, bytes_per_clone=repo.on_disk_bytes)
     pids = {path: server.pid for path, server in world.servers().items()}
     result.cpu = {path: [] for path in pids}
+    for pid in pids.values():
+        reset_peak_rss(pid)  # the peak while cloning, not the idle-connections case's before it
     for number in range(-1, args.rounds):  # one warm-up round
         for path in world.paths():
             before = cpu_seconds(pids[path]) if path in pids else None
@@ -347,6 +355,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                          for path, v in samples.items()}  # fmt: skip
                 log(f"  info/refs latency: {results['latency_ms']}")
                 results["concurrent"] = {}
+                for server in world.servers().values():
+                    reset_peak_rss(server.pid)
                 for path in world.paths():
                     elapsed, errors = concurrent_clones(world, path, args.concurrent, scratch, args.clone_timeout)
                     results["concurrent"][path] = {"s": elapsed, "errors": errors}
@@ -369,10 +379,10 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def render(results: Mapping[str, Any]) -> str:
+def render(results: Mapping[str, Any], variants: bool = True) -> str:
     args = results["args"]
     nginx_ok = not str(results["nginx"]).startswith("not installed")
-    paths = [path for path in PATHS if path != "nginx" or nginx_ok] + list(args["variants"])
+    paths = [path for path in PATHS if path != "nginx" or nginx_ok] + (list(args["variants"]) if variants else [])
     rows: list[list[str]] = []
 
     def row(name: str, values: Mapping[str, str]) -> None:
@@ -409,7 +419,7 @@ def render(results: Mapping[str, Any]) -> str:
         row(f"{args['concurrent']} concurrent clones: s, errors",
             {path: f"{v['s']:.1f} s, {v['errors']}" for path, v in results["concurrent"].items()})  # fmt: skip
         row(
-            "  peak RSS MiB after them",
+            "  peak RSS MiB during them",
             {path: f"{v:.1f}" for path, v in results["peak_rss_after_concurrent_mib"].items()},
         )
     if "idle" in results:
@@ -447,7 +457,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as temp:
         results = benchmark(args, Path(temp))
     print(json.dumps(results, indent=2) if args.json else render(results))
+    if args.readme:
+        write_into_readme(render(results, variants=False))
     return 0
+
+
+def write_into_readme(table: str, readme: Path = README) -> None:
+    """Replaces what lies between the two markers, so that the README's figures are this command's, unedited."""
+    text = readme.read_text()
+    before, begin, rest = text.partition(README_BEGIN)
+    _, end, after = rest.partition(README_END)
+    if not begin or not end:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to write the table into")
+    readme.write_text(f"{before}{README_BEGIN}\n{table}\n{README_END}{after}")
+    log(f"wrote the table into {readme}")
 
 
 if __name__ == "__main__":
