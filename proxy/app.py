@@ -264,9 +264,12 @@ class Proxy:
 
     @property
     def app_sources(self) -> dict[str, GitHubAppSource]:
+        sources = self.live.current.sources
+        if all(isinstance(source, StaticTokenSource) for source in sources.values()):
+            return {}  # without importing the App client: /readyz asks this of every config
         from .credentials.github_app import GitHubAppSource
 
-        return {k: s for k, s in self.live.current.sources.items() if isinstance(s, GitHubAppSource)}
+        return {k: s for k, s in sources.items() if isinstance(s, GitHubAppSource)}
 
     async def reload(self, config: Config) -> None:
         """Raises ConfigError and changes nothing when the new config cannot be built."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 # A pack that arrives in small pieces (git's own writes, TLS records, a slow link) costs the proxy a turn of the
 # event loop, a parser call, a task wake-up and a send to the client per piece, whatever the piece's size; in Python
 # that per-piece cost, not the bytes, is most of the CPU a clone takes. So after a small read in the middle of a
@@ -17,12 +19,26 @@ PAUSE = 0.002  # seconds; 64 KiB arrive in this time at 32 MiB/s
 AFTER = 1 << 20  # an answer smaller than this (refs, a negotiation round) is never paused: its latency matters more
 
 
-def pause_after_small_read(transport: asyncio.Transport | None, read: int, answered: int) -> None:
-    """Leave `transport` unread for PAUSE after a read of `read` bytes, once `answered` bytes of the answer are out.
+def pause_after_small_read(upstream: aiohttp.ClientResponse, read: int, answered: int) -> None:
+    """Leave the connection of `upstream` unread for PAUSE after a read of `read` bytes, once `answered` bytes of
+    the answer are out.
 
     The transport's own pause and resume are used, not aiohttp's protocol flow control: a pause that aiohttp made
-    (the client reads slower than upstream sends) is left alone, and nothing else would resume this one early."""
+    (the client reads slower than upstream sends) is left alone."""
+    transport = _transport_of(upstream)
     if read >= SMALL_READ or answered < AFTER or transport is None or not transport.is_reading():
         return
     transport.pause_reading()
-    asyncio.get_running_loop().call_later(PAUSE, transport.resume_reading)
+    asyncio.get_running_loop().call_later(PAUSE, _resume, upstream, transport)
+
+
+def _resume(upstream: aiohttp.ClientResponse, transport: asyncio.Transport) -> None:
+    # aiohttp resumes reading on its own when its buffer drains, so the answer may have ended meanwhile and the
+    # connection gone back to the pool: a transport that no longer carries this answer belongs to another exchange,
+    # whose flow control must not be undone from here.
+    if _transport_of(upstream) is transport:
+        transport.resume_reading()
+
+
+def _transport_of(upstream: aiohttp.ClientResponse) -> asyncio.Transport | None:
+    return upstream.connection.transport if upstream.connection is not None else None

@@ -329,7 +329,7 @@ async def _exchange_with_upstream(
     complete = False
     try:
         # No reason phrase from upstream: it may hold control characters, and git reads only the status code.
-        response = _PassedOn(status=opened.upstream.status, headers=opened.headers)
+        response = web.StreamResponse(status=opened.upstream.status, headers=opened.headers)
         response.headers["X-Request-Id"] = exchange.request_id
         exchange.status = response.status
         complete = await _stream_back(request, opened.upstream, response, exchange)
@@ -627,7 +627,7 @@ async def _stream_verified(
             if held:
                 await response.write(held)
                 exchange.bytes_out += len(held)
-            pause_after_small_read(_transport_of(upstream), len(chunk), check.received)
+            pause_after_small_read(upstream, len(chunk), check.received)
             held = chunk
         if check.matches():
             await response.write(held)
@@ -746,29 +746,27 @@ async def _token_was_dead(
     return False
 
 
-class _PassedOn(web.StreamResponse):
-    """An answer passed on from upstream. Its headers go out with the first bytes of its body, and its last chunk
-    with the chunked terminator: a small answer (info/refs, a negotiation round) is one send to the client rather
-    than three. (aiohttp's own `web.Response` buffers its headers the same way.)"""
-
-    _send_headers_immediately = False
-
-
 async def _stream_back(
     request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: _Exchange
 ) -> bool:
     """Copy the body as it arrives; memory holds one chunk at a time whatever the repo size. True when the whole
-    response reached the client."""
+    response reached the client.
+
+    The status line goes out before the body is read, as upstream sent it: a connection that dies with no byte of
+    an answer is one that git's libcurl takes for a stale keep-alive and sends the request on again (a push twice)."""
     await response.prepare(request)
     exchange.answering = True
     body = upstream.content
+    # When upstream's last chunk came with its terminator, both go out in one send. Only for a chunked answer:
+    # aiohttp's write_eof does not hold a body to its Content-Length the way write does.
+    chunked = response.content_length is None
     try:
         async for chunk in body.iter_any():
-            if body.at_eof():  # upstream's last chunk came with its terminator: both go out in one send
+            if chunked and body.at_eof():
                 await response.write_eof(chunk)
             else:
                 await response.write(chunk)
-                pause_after_small_read(_transport_of(upstream), len(chunk), exchange.bytes_out)
+                pause_after_small_read(upstream, len(chunk), exchange.bytes_out)
             exchange.bytes_out += len(chunk)
         await response.write_eof()  # a no-op when the last chunk has ended the answer already
         return True
@@ -792,10 +790,6 @@ async def _stream_back(
         exchange.aborted = "internal error (see the proxy's log)"
         _abort_client(request)
     return False
-
-
-def _transport_of(upstream: aiohttp.ClientResponse) -> asyncio.Transport | None:
-    return upstream.connection.transport if upstream.connection is not None else None
 
 
 def _abort_client(request: web.Request) -> None:

@@ -181,6 +181,9 @@ class _Rule:
 
 
 RESOLVED_ROUTES = 256  # routes remembered per router: four endpoints each of 64 repos
+# A longer path and query (an LFS lock listing can carry 8 KB of query) is resolved every time: 256 of them would
+# hold about 4 MiB, and git's own paths are far shorter.
+REMEMBERED_TARGET = 512
 
 
 class Router:
@@ -209,9 +212,10 @@ class Router:
         route = self._resolved.get(key)
         if route is None:
             route = self._resolve(method, raw_path, query_string)
-            if len(self._resolved) >= RESOLVED_ROUTES:
-                del self._resolved[next(iter(self._resolved))]
-            self._resolved[key] = route
+            if len(raw_path) + len(query_string) <= REMEMBERED_TARGET:
+                if len(self._resolved) >= RESOLVED_ROUTES:
+                    del self._resolved[next(iter(self._resolved))]
+                self._resolved[key] = route
         return route
 
     def _resolve(self, method: str, raw_path: str, query_string: str) -> Route:

@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -18,23 +19,35 @@ UPLOAD_PACK = "/github.com/acme/private.git/git-upload-pack"
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[asyncio.Transport]:
-    """The reading end of a real loopback TCP connection."""
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reading, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-    yield reading
-    reading.close()
-    server.close()
-    await server.wait_closed()
+async def answer(upstream_app: UpstreamApp) -> AsyncIterator[aiohttp.ClientResponse]:
+    """An answer from a real upstream whose body is still coming: its connection is this answer's."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first")
+        await release.wait()
+        await response.write_eof(b"last")
+        return response
+
+    url = await upstream_app(slow)
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.content.readany() == b"first"
+        yield response
+        release.set()
 
 
-async def test_a_small_read_mid_answer_pauses_reading_briefly(transport: asyncio.Transport) -> None:
-    pause_after_small_read(transport, read=SMALL_READ - 1, answered=AFTER)
-    assert not transport.is_reading()
+def transport_of(answer: aiohttp.ClientResponse) -> asyncio.Transport:
+    assert answer.connection is not None and answer.connection.transport is not None
+    return answer.connection.transport
+
+
+async def test_a_small_read_mid_answer_pauses_reading_briefly(answer: aiohttp.ClientResponse) -> None:
+    pause_after_small_read(answer, read=SMALL_READ - 1, answered=AFTER)
+    assert not transport_of(answer).is_reading()
     await asyncio.sleep(PAUSE * 5)
-    assert transport.is_reading()
+    assert transport_of(answer).is_reading()
 
 
 @pytest.mark.parametrize(
@@ -42,20 +55,44 @@ async def test_a_small_read_mid_answer_pauses_reading_briefly(transport: asyncio
     [(SMALL_READ, AFTER), (SMALL_READ - 1, AFTER - 1)],
     ids=["a large read: the proxy is not keeping pace piece by piece", "early in the answer: latency first"],
 )
-async def test_no_pause(transport: asyncio.Transport, read: int, answered: int) -> None:
-    pause_after_small_read(transport, read, answered)
-    assert transport.is_reading()
+async def test_no_pause(answer: aiohttp.ClientResponse, read: int, answered: int) -> None:
+    pause_after_small_read(answer, read, answered)
+    assert transport_of(answer).is_reading()
 
 
-async def test_a_pause_made_by_flow_control_is_left_alone(transport: asyncio.Transport) -> None:
-    transport.pause_reading()  # as aiohttp does while the client reads slower than upstream sends
-    pause_after_small_read(transport, read=1, answered=AFTER)
+async def test_a_pause_made_by_flow_control_is_left_alone(answer: aiohttp.ClientResponse) -> None:
+    transport_of(answer).pause_reading()  # as aiohttp does while the client reads slower than upstream sends
+    pause_after_small_read(answer, read=1, answered=AFTER)
     await asyncio.sleep(PAUSE * 5)
-    assert not transport.is_reading()
+    assert not transport_of(answer).is_reading()
 
 
-async def test_no_transport_no_pause() -> None:
-    pause_after_small_read(None, read=1, answered=AFTER)  # the answer was read whole and its connection released
+async def test_a_resume_due_after_the_answer_ended_leaves_the_next_exchange_alone(upstream_app: UpstreamApp) -> None:
+    """aiohttp resumes reading by itself when its buffer drains, so an answer can end, and its connection go back
+    to the pool, with the proxy's resume still to come. By then the transport is another exchange's."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first")
+        await release.wait()
+        await response.write_eof(b"last")
+        return response
+
+    url = await upstream_app(slow)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as first:
+            assert await first.content.readany() == b"first"
+            transport = transport_of(first)
+            pause_after_small_read(first, read=1, answered=AFTER)
+            transport.resume_reading()  # aiohttp's own resume
+            release.set()
+            assert await first.read() == b"last"
+        transport.pause_reading()  # the pooled connection, paused by the flow control of whoever holds it next
+        await asyncio.sleep(PAUSE * 5)
+        assert not transport.is_reading()
+        assert not transport.is_closing()  # the same keep-alive connection: the check above meant something
 
 
 def chunks_of(payload: bytes) -> list[bytes]:

@@ -6,13 +6,14 @@ import asyncio
 import gzip
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.testing import FakeGitHub
+from proxy.testing import FakeGitHub, git_env, run_git
 from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
 
 INFO_REFS = "/github.com/acme/private.git/info/refs?service=git-upload-pack"
@@ -225,6 +226,42 @@ async def test_upstream_breaking_mid_body_aborts_the_client(start_proxy: StartPr
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+
+
+def pkt(payload: bytes) -> bytes:
+    return f"{len(payload) + 4:04x}".encode() + payload
+
+
+async def test_a_push_reaches_upstream_once_when_upstream_breaks_after_its_headers(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
+) -> None:
+    """The status line goes out before the body: a connection that dies with nothing of an answer on it is, to
+    git's libcurl, a stale keep-alive, and it sends the request again on a new one (a push would land twice)."""
+    pushes = 0
+
+    async def receive_pack(request: web.Request) -> web.StreamResponse:
+        nonlocal pushes
+        await request.read()
+        if request.path.endswith("/info/refs"):
+            refs = pkt(b"0" * 40 + b" capabilities^{}\0report-status delete-refs ofs-delta\n")
+            body = pkt(b"# service=git-receive-pack\n") + b"0000" + refs + b"0000"
+            return web.Response(body=body, content_type="application/x-git-receive-pack-advertisement")
+        pushes += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/x-git-receive-pack-result"})
+        await response.prepare(request)
+        await asyncio.sleep(0.1)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    proxy = await start_proxy(config_for(await upstream_app(receive_pack)))
+    env = git_env(tmp_path / "home")
+    work = tmp_path / "work"
+    (await run_git("init", "--quiet", str(work), env=env)).check()
+    (await run_git("commit", "--quiet", "--allow-empty", "-m", "one", env=env, cwd=work)).check()
+    pushed = await run_git("push", f"{proxy}/github.com/acme/private.git", "HEAD:refs/heads/main", env=env, cwd=work)
+    assert pushed.returncode != 0  # git sees the failure...
+    assert pushes == 1  # ...and upstream the push once
 
 
 async def test_client_hanging_up_mid_stream_closes_upstream_quietly(

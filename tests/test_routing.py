@@ -14,7 +14,7 @@ from proxy.errors import (
     MethodNotAllowed,
     NotAGitEndpoint,
 )
-from proxy.routing import RESOLVED_ROUTES, Router, Service, translate_java_regex
+from proxy.routing import REMEMBERED_TARGET, RESOLVED_ROUTES, Router, Service, translate_java_regex
 
 INFO_REFS = "service=git-upload-pack"
 
@@ -234,3 +234,11 @@ def test_routes_found_are_remembered_a_bounded_number() -> None:
     again = router.resolve_route("GET", "/github.com/acme/app.git/info/refs", INFO_REFS)
     assert again is not first  # the oldest went out when the table was full...
     assert again == first  # ...and the same request finds the same route again
+
+
+def test_a_long_target_is_resolved_every_time_rather_than_remembered() -> None:
+    router = make_router(r"(?<baseUrl>github\.com)/acme/.*")
+    query = "path=" + "a" * REMEMBERED_TARGET  # an LFS lock listing may carry a query of kilobytes
+    first = router.resolve_route("GET", "/github.com/acme/app.git/info/lfs/locks", query)
+    again = router.resolve_route("GET", "/github.com/acme/app.git/info/lfs/locks", query)
+    assert again == first and again is not first
