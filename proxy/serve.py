@@ -29,6 +29,14 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     app = await create_app(config)
     proxy = app[PROXY]
     proxy.bound_host = host
+    reloader = Reloader(proxy, config_path, redactor)
+    watcher = ConfigWatcher(proxy, config_path, reloader) if watch else None
+    if watcher is not None:
+        await watcher.take_stock()  # before the first request: a file changed once the proxy answers is a change
+    # What start-up made (modules, the config, aiohttp's tables) lives as long as the process; frozen, the cyclic
+    # collector stops walking it again and again as requests allocate: a warm info/refs costs ~10 % less CPU.
+    gc.collect()
+    gc.freeze()
     # handle_signals=False: this function owns SIGTERM, so that /readyz can say "draining" while transfers finish.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
@@ -39,29 +47,23 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
         await runner.cleanup()
         raise
     log.info("git-token-proxy %s listening on http://%s:%d", __version__, host, port)
-    # What start-up made (modules, the config, aiohttp's tables) lives as long as the process; frozen, the cyclic
-    # collector stops walking it again and again as requests allocate: a warm info/refs costs ~10 % less CPU.
-    gc.collect()
-    gc.freeze()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    reloader = Reloader(proxy, config_path, redactor)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
-    watcher = None
-    if watch:
-        poll = ConfigWatcher(proxy, config_path, reloader).poll
-        watcher = asyncio.create_task(keep_running(poll, WATCH_INTERVAL, "config watcher"))
+    watching = None
+    if watcher is not None:
+        watching = asyncio.create_task(keep_running(watcher.poll, WATCH_INTERVAL, "config watcher"))
 
     await stop.wait()
     started = loop.time()
     proxy.draining = True  # /readyz answers 503 from now on
     log.info("stopping: no new connections; in-flight transfers get up to %.0f s", config.server.shutdown_grace)
     reloader.cancel()
-    if watcher:
-        watcher.cancel()
+    if watching:
+        watching.cancel()
     # A second SIGTERM or SIGINT (an impatient operator) ends the drain at once.
     forced = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -175,6 +177,10 @@ class ConfigWatcher:
         # A config that loaded but was rejected (say, its new key file is not there yet: ConfigMaps and Secrets
         # update separately). Its files are watched too, so the reload happens when the missing one appears.
         self._rejected: Config | None = None
+
+    async def take_stock(self) -> None:
+        """What the files hold now, before the proxy serves: only what changes after it answers is reloaded."""
+        self._last = await asyncio.to_thread(_digest, *self._files())
 
     async def poll(self) -> None:
         current = await asyncio.to_thread(_digest, *self._files())  # file reads never run on the event loop
