@@ -18,9 +18,8 @@ from tests.test_forward import config_for, raw_request
 UPLOAD_PACK = "/github.com/acme/private.git/git-upload-pack"
 
 
-@pytest.fixture
-async def answer(upstream_app: UpstreamApp) -> AsyncIterator[aiohttp.ClientResponse]:
-    """An answer from a real upstream whose body is still coming: its connection is this answer's."""
+async def first_then_last(upstream_app: UpstreamApp) -> tuple[str, asyncio.Event]:
+    """A real upstream that answers b"first" at once and b"last" once the event is set."""
     release = asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -31,7 +30,13 @@ async def answer(upstream_app: UpstreamApp) -> AsyncIterator[aiohttp.ClientRespo
         await response.write_eof(b"last")
         return response
 
-    url = await upstream_app(slow)
+    return await upstream_app(slow), release
+
+
+@pytest.fixture
+async def answer(upstream_app: UpstreamApp) -> AsyncIterator[aiohttp.ClientResponse]:
+    """An answer whose body is still coming: its connection is this answer's."""
+    url, release = await first_then_last(upstream_app)
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert await response.content.readany() == b"first"
         yield response
@@ -70,17 +75,7 @@ async def test_a_pause_made_by_flow_control_is_left_alone(answer: aiohttp.Client
 async def test_a_resume_due_after_the_answer_ended_leaves_the_next_exchange_alone(upstream_app: UpstreamApp) -> None:
     """aiohttp resumes reading by itself when its buffer drains, so an answer can end, and its connection go back
     to the pool, with the proxy's resume still to come. By then the transport is another exchange's."""
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(b"first")
-        await release.wait()
-        await response.write_eof(b"last")
-        return response
-
-    url = await upstream_app(slow)
+    url, release = await first_then_last(upstream_app)
     async with aiohttp.ClientSession() as session:
         async with session.get(url) as first:
             assert await first.content.readany() == b"first"
