@@ -23,8 +23,9 @@ def pause_after_small_read(upstream: aiohttp.ClientResponse, read: int, answered
     """Leave the connection of `upstream` unread for PAUSE after a read of `read` bytes, once `answered` bytes of
     the answer are out.
 
-    The transport's own pause and resume are used, not aiohttp's protocol flow control: a pause that aiohttp made
-    (the client reads slower than upstream sends) is left alone."""
+    The transport's own pause and resume are used, not aiohttp's protocol flow control: a transport that aiohttp
+    has paused (the client reads slower than upstream sends) is not paused again, nor resumed from here. Should
+    aiohttp pause it within these 2 ms, the resume lets one more read in, and aiohttp pauses again on it."""
     transport = _transport_of(upstream)
     if read >= SMALL_READ or answered < AFTER or transport is None or not transport.is_reading():
         return

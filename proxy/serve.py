@@ -167,6 +167,9 @@ async def keep_running(poll: Callable[[], Awaitable[None]], interval: float, nam
         await asyncio.sleep(interval)
 
 
+_MISSING = b"a file the running config names was missing"
+
+
 class ConfigWatcher:
     """Polls the content of the config, its key files and its secret files: it survives editors that replace
     files and Kubernetes' symlink swaps alike, and a rotated Secret is picked up like an edited ConfigMap."""
@@ -179,8 +182,10 @@ class ConfigWatcher:
         self._rejected: Config | None = None
 
     async def take_stock(self) -> None:
-        """What the files hold now, before the proxy serves: only what changes after it answers is reloaded."""
-        self._last = await asyncio.to_thread(_digest, *self._files())
+        """What the files hold now, before the proxy serves: only what changes after it answers is reloaded. A file
+        that is missing right now (a Secret mid-swap) is a state of its own: the file that then appears is a change,
+        not the starting point."""
+        self._last = await asyncio.to_thread(_digest, *self._files()) or _MISSING
 
     async def poll(self) -> None:
         current = await asyncio.to_thread(_digest, *self._files())  # file reads never run on the event loop

@@ -9,11 +9,14 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.app import PROXY, create_app
 from proxy.config import load_config
 from proxy.logs import Redactor
-from proxy.serve import Reloader, keep_running, reload_config
+from proxy.serve import ConfigWatcher, Reloader, keep_running, reload_config
+from proxy.testing import FakeGitHub
+from tests.conftest import AcmeApp, app_config
 from tests.test_config import alias_bomb
 
 
@@ -84,3 +87,23 @@ async def test_an_unloadable_config_is_rejected_and_the_running_one_stays(
         await proxy.close()
     assert proxy.config is running
     assert any("reload rejected" in r.getMessage() and "alias bomb" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_key_file_missing_at_start_up_then_rotated_in_is_a_change(
+    fake_github: FakeGitHub, acme_app: AcmeApp, tmp_path: Path
+) -> None:
+    """A Secret mid-swap while the watcher takes stock: the key that then appears is reloaded, not taken for the
+    starting state (the old key would stay in use for good)."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(app_config(fake_github.url, acme_app)))
+    app = await create_app(load_config(config_file))
+    proxy = app[PROXY]
+    watcher = ConfigWatcher(proxy, config_file, Reloader(proxy, config_file, Redactor()))
+    rotated = acme_app.key_file.read_text()
+    acme_app.key_file.unlink()
+    await watcher.take_stock()
+    acme_app.key_file.write_text(rotated)
+    before = proxy.live.current
+    await watcher.poll()
+    assert proxy.live.current is not before  # reloaded
+    await proxy.close()
