@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -110,33 +110,26 @@ def base_url_group(pattern: str) -> str | None:
     return None
 
 
-def _until_closing(pattern: str, start: int) -> str | None:
-    depth, index = 1, start
-    while index < len(pattern):
-        char = pattern[index]
+def _unescaped(text: str, start: int = 0, depth: int = 0) -> Iterator[tuple[int, str, int]]:
+    """Each character of a pattern from `start` that no backslash escapes, with the parenthesis depth after it."""
+    index = start
+    while index < len(text):
+        char = text[index]
         if char == "\\":
             index += 2
             continue
         depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            return pattern[start:index]
+        yield index, char, depth
         index += 1
-    return None
+
+
+def _until_closing(pattern: str, start: int) -> str | None:
+    return next((pattern[start:index] for index, _, depth in _unescaped(pattern, start, depth=1) if depth == 0), None)
 
 
 def _host_part(group: str) -> str:
     """The baseUrl's host: what comes before its first unescaped `/` outside parentheses."""
-    depth, index = 0, 0
-    while index < len(group):
-        char = group[index]
-        if char == "\\":
-            index += 2
-            continue
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "/" and depth == 0:
-            return group[:index]
-        index += 1
-    return group
+    return next((group[:index] for index, char, depth in _unescaped(group) if char == "/" and depth == 0), group)
 
 
 def reachable_hosts(pattern: str, hosts: Sequence[str]) -> list[str]:

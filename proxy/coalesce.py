@@ -26,8 +26,10 @@ def pause_after_small_read(upstream: aiohttp.ClientResponse, read: int, answered
     The transport's own pause and resume are used, not aiohttp's protocol flow control: a transport that aiohttp
     has paused (the client reads slower than upstream sends) is not paused again, nor resumed from here. Should
     aiohttp pause it within these 2 ms, the resume lets one more read in, and aiohttp pauses again on it."""
+    if read >= SMALL_READ or answered < AFTER:  # most reads end here, on two comparisons
+        return
     transport = _transport_of(upstream)
-    if read >= SMALL_READ or answered < AFTER or transport is None or not transport.is_reading():
+    if transport is None or not transport.is_reading():
         return
     transport.pause_reading()
     asyncio.get_running_loop().call_later(PAUSE, _resume, upstream, transport)

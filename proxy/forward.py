@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -255,17 +255,31 @@ class TransferWatch:
 
 
 async def forward_request(request: web.Request) -> web.StreamResponse:
+    async def serve(context: ForwardContext, live: LiveContext, exchange: _Exchange) -> web.StreamResponse:
+        return await _forward(request, context, live.transfers, exchange, live.lfs_handles)
+
+    return await _at_the_edge(request, serve)
+
+
+async def _at_the_edge(
+    request: web.Request,
+    serve: Callable[[ForwardContext, LiveContext, _Exchange], Awaitable[web.StreamResponse]],
+    what: str | None = None,
+) -> web.StreamResponse:
+    """Every request's frame: its id on each log line, the in-flight gauge, its metrics and audit line, and a
+    reasoned 500 for a bug. `what` names it in that 500's log line (by default its method and path)."""
     live = request.app[FORWARD_CONTEXT]
     context = live.current
     exchange = _Exchange(time.monotonic(), _request_id(request))
     REQUEST_ID.set(exchange.request_id)  # every log line of this request (and of a mint it starts) carries it
     context.metrics.in_flight.inc()
     try:
-        return await _forward(request, context, live.transfers, exchange, live.lfs_handles)
+        return await serve(context, live, exchange)
     except Exception:
         # A bug, or something no one thought of: one log line with the traceback, a reasoned 500 for git, and a
         # metric and an audit line that say so, instead of aiohttp's bare 500 without a request id.
-        log.exception("unexpected error while serving %s %s", request.method, request.raw_path.partition("?")[0][:200])
+        what = what or f"{request.method} {request.raw_path.partition('?')[0][:200]}"
+        log.exception("unexpected error while serving %s", what)
         context.metrics.unexpected_errors.inc()
         return _refuse_unexpected(exchange)
     finally:
@@ -476,21 +490,11 @@ async def _answer_batch(
 
 async def forward_lfs_object(request: web.Request) -> web.StreamResponse:
     """/_lfs/<handle>: one object to or from its storage host, under the same rules as git traffic."""
-    live = request.app[FORWARD_CONTEXT]
-    context = live.current
-    exchange = _Exchange(time.monotonic(), _request_id(request))
-    REQUEST_ID.set(exchange.request_id)
-    context.metrics.in_flight.inc()
-    try:
+
+    async def serve(context: ForwardContext, live: LiveContext, exchange: _Exchange) -> web.StreamResponse:
         return await _serve_lfs_object(request, context, live, exchange)
-    except Exception:
-        log.exception("unexpected error while serving an LFS object")
-        context.metrics.unexpected_errors.inc()
-        return _refuse_unexpected(exchange)
-    finally:
-        context.metrics.in_flight.dec()
-        _record(context.metrics, exchange)
-        _audit(request, exchange)
+
+    return await _at_the_edge(request, serve, what="an LFS object")  # its path is a handle: never in a log line
 
 
 async def _serve_lfs_object(

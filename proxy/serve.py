@@ -30,9 +30,8 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     proxy = app[PROXY]
     proxy.bound_host = host
     reloader = Reloader(proxy, config_path, redactor)
-    watcher = ConfigWatcher(proxy, config_path, reloader) if watch else None
-    if watcher is not None:
-        await watcher.take_stock()  # before the first request: a file changed once the proxy answers is a change
+    # Before the first request: a file changed once the proxy answers is a change.
+    watcher = await ConfigWatcher.taking_stock(proxy, config_path, reloader) if watch else None
     # What start-up made (modules, the config, aiohttp's tables) lives as long as the process; frozen, the cyclic
     # collector stops walking it again and again as requests allocate: a warm info/refs costs ~10 % less CPU.
     gc.collect()
@@ -167,31 +166,29 @@ async def keep_running(poll: Callable[[], Awaitable[None]], interval: float, nam
         await asyncio.sleep(interval)
 
 
-_MISSING = b"a file the running config names was missing"
-
-
 class ConfigWatcher:
     """Polls the content of the config, its key files and its secret files: it survives editors that replace
     files and Kubernetes' symlink swaps alike, and a rotated Secret is picked up like an edited ConfigMap."""
 
-    def __init__(self, proxy: Proxy, path: Path, reloader: Reloader) -> None:
+    def __init__(self, proxy: Proxy, path: Path, reloader: Reloader, stock: bytes | None) -> None:
         self._proxy, self._path, self._reloader = proxy, path, reloader
-        self._last: bytes | None = None  # the first poll only takes stock
+        self._last = stock  # what the files held when last looked at; None: one of them was missing
         # A config that loaded but was rejected (say, its new key file is not there yet: ConfigMaps and Secrets
         # update separately). Its files are watched too, so the reload happens when the missing one appears.
         self._rejected: Config | None = None
 
-    async def take_stock(self) -> None:
-        """What the files hold now, before the proxy serves: only what changes after it answers is reloaded. A file
-        that is missing right now (a Secret mid-swap) is a state of its own: the file that then appears is a change,
-        not the starting point."""
-        self._last = await asyncio.to_thread(_digest, *self._files()) or _MISSING
+    @classmethod
+    async def taking_stock(cls, proxy: Proxy, path: Path, reloader: Reloader) -> ConfigWatcher:
+        """A watcher that starts from what the files hold now, before the proxy serves: only what changes after it
+        answers is reloaded. A file missing right now (a Secret mid-swap) counts as a state of its own, so the
+        file that then appears is a change, not the starting point."""
+        return cls(proxy, path, reloader, await asyncio.to_thread(_digest, _watched_files(path, proxy.config)))
 
     async def poll(self) -> None:
         current = await asyncio.to_thread(_digest, *self._files())  # file reads never run on the event loop
         if current is None:
             return  # a file is missing or mid-swap: keep what runs, look again later
-        if self._last is not None and current != self._last:
+        if current != self._last:
             log.info("%s or a file it names changed; reloading", self._path)
             if await self._reloader.reload():
                 self._rejected = None

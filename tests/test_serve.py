@@ -98,10 +98,9 @@ async def test_a_key_file_missing_at_start_up_then_rotated_in_is_a_change(
     config_file.write_text(yaml.safe_dump(app_config(fake_github.url, acme_app)))
     app = await create_app(load_config(config_file))
     proxy = app[PROXY]
-    watcher = ConfigWatcher(proxy, config_file, Reloader(proxy, config_file, Redactor()))
     rotated = acme_app.key_file.read_text()
     acme_app.key_file.unlink()
-    await watcher.take_stock()
+    watcher = await ConfigWatcher.taking_stock(proxy, config_file, Reloader(proxy, config_file, Redactor()))
     acme_app.key_file.write_text(rotated)
     before = proxy.live.current
     await watcher.poll()
