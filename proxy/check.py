@@ -198,10 +198,10 @@ async def _check_shared_cache(config: Config, report: Report) -> None:
     probe = secrets.token_hex(8)
     try:
         await store.ping()
-        await store.put(f"check:{probe}", sealer.seal({"probe": probe}), 30)
+        await store.put(f"check:{probe}", sealer.seal({"probe": probe}, f"check:{probe}"), 30)
         stored = await store.get(f"check:{probe}")
         await store.delete(f"check:{probe}")
-        opened = sealer.open(stored) if stored is not None else None
+        opened = sealer.open(stored, f"check:{probe}") if stored is not None else None
         if opened != {"probe": probe}:
             raise OSError("the probe value did not come back (a read-only replica, or eviction?)")
     except Exception as error:  # whatever redis-py raises: the reason is the output

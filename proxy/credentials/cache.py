@@ -118,6 +118,39 @@ def _memory_cache(namespace: str) -> SimpleMemoryCache:
     return SimpleMemoryCache(serializer=NullSerializer(), namespace=namespace, timeout=None)
 
 
+@dataclass
+class LeaseWait:
+    """A replica waiting on another's lease. Each holder gets the lease's life; after that the waiter gives up on
+    it (`given_up_on`) and takes the lease itself. Holders that keep changing cannot hold a waiter for ever: past
+    twice the lease's life, it mints on its own."""
+
+    started: float
+    lease_ttl: float
+    holder: str | None = None
+    holder_since: float = 0.0
+    given_up_on: str | None = None
+    first_wait: bool = True
+    delay: float = 0.01
+
+    def note_holder(self, holder: str, now: float) -> bool:
+        """True when the waiter gives up on `holder` now (it held the lease past its life)."""
+        if holder != self.holder:
+            self.holder, self.holder_since, self.given_up_on = holder, now, None
+            return False
+        if now - self.holder_since > self.lease_ttl + 1 and self.given_up_on != holder:
+            self.given_up_on = holder
+            return True
+        return False
+
+    def over(self, now: float) -> bool:
+        return now - self.started > 2 * (self.lease_ttl + 1)
+
+    def next_delay(self) -> float:
+        self.first_wait = False
+        self.delay = min(self.delay * 2, 0.25)
+        return self.delay
+
+
 @dataclass(frozen=True)
 class CachedToken:
     """A token with its deadlines on the monotonic clock, and its two Credential forms built once."""
@@ -192,8 +225,10 @@ class TokenCache:
     async def _fleet_refresh(self, key: str, mint: Callable[[], Awaitable[CachedToken]]) -> CachedToken:
         """Single flight across the fleet. The in-process flight in front means one Redis round-trip per key at a
         time from this replica. The replica that takes the lease mints and publishes; the others wait for its
-        value (bounded by the lease's life: a holder that died lets go by itself). A failed mint releases the
-        lease and publishes nothing. With Redis away, this is a plain local mint."""
+        value, for at most the lease's life (every lease of ours is that short: a lease without a deadline, or
+        with a longer one, is not ours and is taken over at once). A waiter that gives up on a holder takes the
+        lease from it, so that the others go on waiting for one mint rather than each minting its own. A failed
+        mint releases the lease and publishes nothing. With Redis away, this is a plain local mint."""
         shared = self._shared
         assert shared is not None
         found = await shared.fetch(key)
@@ -201,10 +236,11 @@ class TokenCache:
             self._metrics.shared_cache_hits.inc()
             return found
         self._metrics.shared_cache_misses.inc()
-        started, delay, waiting = time.monotonic(), 0.02, False
+        started = time.monotonic()
+        waiting = LeaseWait(started, shared.lease_ttl)
         while True:
-            owner = await shared.lease(key)
-            if owner is not None:
+            lease = await shared.lease(key, take_from=waiting.given_up_on)
+            if lease.owner is not None:
                 try:
                     found = await shared.fetch(key)  # the previous holder may have published just now
                     if _usable(found):
@@ -213,14 +249,14 @@ class TokenCache:
                     await shared.publish(key, token)
                     return token
                 finally:
-                    await shared.release(key, owner)
-            if not shared.store.available or time.monotonic() - started > shared.lease_ttl + 1:
-                return await mint()  # Redis is away, or the holder overran its own lease: as without a fleet
-            if not waiting:
-                waiting = True
+                    await shared.release(key, lease.owner)
+            if lease.holder is None or waiting.over(time.monotonic()):
+                return await mint()  # Redis is away, or the wait outlived every holder it could: as without a fleet
+            if waiting.note_holder(lease.holder, time.monotonic()):
+                continue  # gave up on this holder: take the lease from it at once
+            if waiting.first_wait:
                 self._metrics.lease_waits.inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            await asyncio.sleep(waiting.next_delay())
             found = await shared.fetch(key)
             if _usable(found):
                 self._metrics.lease_wait_seconds.observe(time.monotonic() - started)

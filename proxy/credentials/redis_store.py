@@ -18,9 +18,10 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..metrics import Metrics
+from .shared import MAX_VALUE, Lease
 
 log = logging.getLogger("git_token_proxy.redis")
 T = TypeVar("T")
@@ -29,6 +30,21 @@ T = TypeVar("T")
 # it is away. Then the next call is the probe.
 BREAK_FOR = 5.0
 
+# KEYS[1]; ARGV[1]: a new owner value, ARGV[2]: the lease's life in ms, ARGV[3]: a holder to take over from ('' for
+# none). Takes the lease when it is free, when what holds it is not a lease of ours (no deadline, a longer one than
+# ours, another type, or a value no replica writes), or when the holder given still holds it. Returns {1, owner} when
+# taken, {0, holder} when not.
+_LEASE = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' and redis.call('STRLEN', KEYS[1]) <= 64 then
+  local holder = redis.call('GET', KEYS[1])
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 and left <= tonumber(ARGV[2]) and holder ~= ARGV[3] then return {0, holder} end
+end
+if kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, ARGV[1]}
+"""
 # KEYS[1]; ARGV[1]: the owner value. Deletes the lease only if this replica still holds it.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # KEYS[1]; ARGV[1]: a tag. Deletes the value only if it still starts with that tag and a dot.
@@ -57,6 +73,7 @@ class RedisStore:
         self._metrics = metrics
         self._broken_until = 0.0
         self._available = True
+        self._unreadable_logged = False
         self.where = redis_location(url)
         metrics.redis_available.set(1)
 
@@ -67,8 +84,20 @@ class RedisStore:
     # ------------------------------------------------------------ the SharedStore calls
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._call(self._client.get(self._prefix + key), None)
-        return value if isinstance(value, bytes) else None
+        """At most MAX_VALUE bytes cross the network (GETRANGE): a larger value is refused unread, whoever wrote
+        it. A key of another type (a hash, a list) is a miss too, not a Redis failure: it must not open the
+        breaker, or anyone who can write to Redis could switch the fleet's sharing off."""
+        try:
+            value = await self._call(self._client.getrange(self._prefix + key, 0, MAX_VALUE), None, miss=ResponseError)
+        except ResponseError:
+            self._note_unreadable("a value of another type than a string")
+            return None
+        if not isinstance(value, bytes) or not value:
+            return None  # GETRANGE answers a missing key with an empty string
+        if len(value) > MAX_VALUE:
+            self._note_unreadable(f"a value over {MAX_VALUE} bytes")
+            return None
+        return value
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         await self._call(self._client.set(self._prefix + key, value, px=max(1, int(ttl * 1000))), None)
@@ -92,10 +121,14 @@ class RedisStore:
 
         await self._call(scan_and_delete(), None, budget=max(self._timeout, 10.0))
 
-    async def lease(self, key: str, ttl: float) -> str | None:
+    async def lease(self, key: str, ttl: float, take_from: str | None = None) -> Lease:
         owner = secrets.token_hex(16)
-        taken = await self._call(self._client.set(self._prefix + key, owner, nx=True, px=max(1, int(ttl * 1000))), None)
-        return owner if taken else None
+        script = self._client.eval(_LEASE, 1, self._prefix + key, owner, max(1, int(ttl * 1000)), take_from or "")
+        answer = await self._call(cast(Awaitable[list[Any]], script), None)
+        if not isinstance(answer, list) or len(answer) != 2 or not isinstance(answer[1], bytes):
+            return Lease()
+        taken, value = answer[0] == 1, answer[1].decode(errors="replace")
+        return Lease(owner=value) if taken else Lease(holder=value)
 
     async def release(self, key: str, owner: str) -> None:
         await self._call(cast(Awaitable[int], self._client.eval(_RELEASE, 1, self._prefix + key, owner)), None)
@@ -110,7 +143,10 @@ class RedisStore:
 
     # ------------------------------------------------------------ bounds and the breaker
 
-    async def _call(self, call: Awaitable[T], failed: T, budget: float | None = None) -> T:
+    async def _call(
+        self, call: Awaitable[T], failed: T, budget: float | None = None, miss: type[RedisError] | None = None
+    ) -> T:
+        """`miss`: an error that is an answer about one key, not a failure of Redis; raised to the caller."""
         if not self.available:
             _close_unawaited(call)
             return failed
@@ -118,10 +154,18 @@ class RedisStore:
             async with asyncio.timeout(budget or self._timeout):
                 result = await call
         except (RedisError, OSError, TimeoutError) as error:
+            if miss is not None and isinstance(error, miss):
+                self._mend()
+                raise
             self._break(error)
             return failed
         self._mend()
         return result
+
+    def _note_unreadable(self, what: str) -> None:
+        if not self._unreadable_logged:
+            self._unreadable_logged = True
+            log.warning("Redis at %s holds %s under a key of ours: a miss, replaced (logged once)", self.where, what)
 
     def _break(self, error: BaseException) -> None:
         self._broken_until = time.monotonic() + BREAK_FOR

@@ -9,16 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import Credential
 from .cache import BoundedStore, CachedToken
 
 log = logging.getLogger("git_token_proxy.shared")
+
+# A sealed token is a few hundred bytes (a few KiB with a long permissions map), an installation id less. The store
+# refuses anything larger unread (see RedisStore.get), so that a garbage value neither crosses the network whole nor
+# is decrypted on the event loop; a value this size decrypts in well under a millisecond.
+MAX_VALUE = 64 * 1024
+# Nothing shared lives longer than this, whatever its sealed deadline says: a token lives an hour, an installation
+# id is kept an hour.
+MAX_SHARED_LIFETIME = 2 * 3600.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str | None = None  # ours: the lease was taken, and is given back with this value
+    holder: str | None = None  # somebody else's, who holds it now
 
 
 class SharedStore(Protocol):
@@ -40,9 +57,11 @@ class SharedStore(Protocol):
 
     async def delete_prefix(self, prefix: str) -> None: ...
 
-    async def lease(self, key: str, ttl: float) -> str | None:
-        """Take the lease on `key` for `ttl` seconds: its owner value, or None if another holds it (or the store
-        is away: then `available` is False)."""
+    async def lease(self, key: str, ttl: float, take_from: str | None = None) -> Lease:
+        """Take the lease on `key` for `ttl` seconds. It is taken when nobody holds it, when its holder's lease
+        has no deadline or a longer one than `ttl` (not one of ours: a lease is never longer), or when `take_from`
+        still holds it (a waiter that gave up on that holder). Otherwise the answer names the holder. With the
+        store away, neither is set, and `available` is False."""
         ...
 
     async def release(self, key: str, owner: str) -> None:
@@ -67,6 +86,11 @@ class Sealer:
     """Fernet: AES-128-CBC with an HMAC, so a value read back is either exactly what a replica with the same key
     wrote, or refused. MultiFernet: the first key seals, every key opens (rotation).
 
+    A sealed value is bound to the identity it was stored for (its full cache key and kind: a token, an
+    installation id, a "not installed" answer), which goes inside the authenticated payload and is compared on
+    open. Where a value sits in Redis proves nothing: anyone who can write there, without the key, can copy one
+    entry's sealed token under another entry's key. Such a value is a miss, never a value.
+
     cryptography is imported in the methods, not at the top: only cache.redis makes a Sealer, and this module is
     loaded by every proxy, most of which would otherwise carry cryptography's Rust core (about 7 MiB of RSS)."""
 
@@ -74,29 +98,50 @@ class Sealer:
         from cryptography.fernet import Fernet, MultiFernet
 
         self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
-        self._undecryptable_logged = False
+        self._logged: set[str] = set()  # each kind of refusal is logged once per process, not once per request
 
-    def seal(self, plain: dict[str, Any]) -> bytes:
-        return self._fernet.encrypt(json.dumps(plain, separators=(",", ":")).encode())
+    def seal(self, plain: dict[str, Any], bound_to: str) -> bytes:
+        payload = {"for": _identity(bound_to), "value": plain}
+        return self._fernet.encrypt(json.dumps(payload, separators=(",", ":")).encode())
 
-    def open(self, sealed: bytes) -> dict[str, Any] | None:
-        """The value, or None for anything that does not decrypt or parse (another fleet's key, a value from an
-        older version): a miss, logged once per process, never an error and never garbage used as a token."""
+    def open(self, sealed: bytes, bound_to: str) -> dict[str, Any] | None:
+        """The value sealed for `bound_to`, or None: anything that does not decrypt or parse (another fleet's key,
+        a value from an older version), or that was sealed for another identity. A miss, logged once per process,
+        never an error and never garbage used as a token."""
         from cryptography.fernet import InvalidToken
 
+        if len(sealed) > MAX_VALUE:
+            return self._refused("oversized", f"a value in the shared cache is over {MAX_VALUE} bytes")
         try:
-            value = json.loads(self._fernet.decrypt(sealed))
-        except (InvalidToken, ValueError, TypeError):
-            value = None
-        if not isinstance(value, dict):
-            if not self._undecryptable_logged:
-                self._undecryptable_logged = True
-                log.warning(
-                    "a value in the shared cache does not decrypt with this replica's encryptionKey (another key, "
-                    "or written by another fleet?); it counts as a miss and is replaced"
-                )
-            return None
+            payload = json.loads(self._fernet.decrypt(sealed))
+        except (InvalidToken, ValueError, TypeError, RecursionError):
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("value"), dict):
+            return self._refused(
+                "undecryptable",
+                "a value in the shared cache does not decrypt with this replica's encryptionKey (another key, or "
+                "written by another fleet or an older version?)",
+            )
+        if not isinstance(payload.get("for"), str) or not hmac.compare_digest(payload["for"], _identity(bound_to)):
+            return self._refused(
+                "misplaced",
+                "a value in the shared cache was sealed for another key than the one it is stored under (copied "
+                "there by something that can write to Redis?)",
+            )
+        value: dict[str, Any] = payload["value"]
         return value
+
+    def _refused(self, why: str, message: str) -> dict[str, Any] | None:
+        """None, always: the refusal, logged the first time it happens for this reason."""
+        if why not in self._logged:
+            self._logged.add(why)
+            log.warning("%s; it counts as a miss and is replaced (logged once)", message)
+        return None
+
+
+def _identity(bound_to: str) -> str:
+    """What a sealed value carries of the identity it belongs to: a digest, so that its size stays small."""
+    return hashlib.sha256(bound_to.encode()).hexdigest()
 
 
 class SharedTokens:
@@ -112,9 +157,12 @@ class SharedTokens:
         stored = await self.store.get(f"token:{_hashed(key)}")
         if stored is None:
             return None
-        _, _, sealed = stored.partition(b".")
-        value = self._sealer.open(sealed)
-        return _token_from(value) if value is not None else None
+        tag, _, sealed = stored.partition(b".")
+        value = self._sealer.open(sealed, f"token:{key}")
+        token = _token_from(value) if value is not None else None
+        if token is not None and not hmac.compare_digest(tag, token_tag(token.reused.token)):
+            return None  # the clear tag is only for compare-and-delete, but it must name this very token
+        return token
 
     async def publish(self, key: str, token: CachedToken) -> None:
         lifetime = token.expires - time.monotonic()  # nothing outlives its token, in Redis either
@@ -129,7 +177,8 @@ class SharedTokens:
                 "refresh": now + (token.refresh_at - time.monotonic()),
                 "expires_at": token.expires_at_wall,
                 "permissions": token.permissions,
-            }
+            },
+            f"token:{key}",
         )
         await self.store.put(f"token:{_hashed(key)}", token_tag(token.reused.token) + b"." + sealed, lifetime)
 
@@ -138,8 +187,8 @@ class SharedTokens:
         the same rejection later find the replacement instead of minting again."""
         await self.store.delete(f"token:{_hashed(key)}", token_tag(credential.token))
 
-    async def lease(self, key: str) -> str | None:
-        return await self.store.lease(f"lease:{_hashed(key)}", self.lease_ttl)
+    async def lease(self, key: str, take_from: str | None = None) -> Lease:
+        return await self.store.lease(f"lease:{_hashed(key)}", self.lease_ttl, take_from)
 
     async def release(self, key: str, owner: str) -> None:
         await self.store.release(f"lease:{_hashed(key)}", owner)
@@ -160,8 +209,9 @@ def _token_from(value: dict[str, Any]) -> CachedToken | None:
     if not isinstance(permissions, dict) or not all(isinstance(v, str) for v in permissions.values()):
         return None
     now_wall, now = time.time(), time.monotonic()
-    if expires <= now_wall:
+    if not (math.isfinite(expires) and math.isfinite(refresh)) or expires <= now_wall:
         return None
+    expires = min(expires, now_wall + MAX_SHARED_LIFETIME)  # authenticated is not the same as plausible
     credential = Credential(username, token, "cached")  # a shared hit is a cached token, on every replica
     return CachedToken(
         minted=credential,
@@ -198,6 +248,7 @@ class TieredStore:
 
     def __init__(self, local: BoundedStore, shared: SharedStore, sealer: Sealer, namespace: str) -> None:
         self._local, self._shared, self._sealer = local, shared, sealer
+        self._namespace = namespace
         self._prefix = f"kv:{_hashed(namespace)}:"
         self._clearing: set[asyncio.Task[None]] = set()  # held, so that a clear in flight is not collected
 
@@ -206,19 +257,24 @@ class TieredStore:
         if value is not None:
             return value
         stored = await self._shared.get(self._prefix + _hashed(key))
-        opened = self._sealer.open(stored) if stored is not None else None
+        opened = self._sealer.open(stored, self._identity(key)) if stored is not None else None
         if opened is None or not isinstance(opened.get("expires"), int | float) or "value" not in opened:
             return None
-        remaining = opened["expires"] - time.time()
-        if remaining <= 0 or not isinstance(opened["value"], int | bool):
+        remaining = min(opened["expires"] - time.time(), MAX_SHARED_LIFETIME)
+        if not remaining > 0 or not isinstance(opened["value"], int | bool):  # `not >`: NaN is no lifetime
             return None
         await self._local.set(key, opened["value"], remaining)
         return opened["value"]
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
         await self._local.set(key, value, ttl)
-        sealed = self._sealer.seal({"value": value, "expires": time.time() + ttl})
+        sealed = self._sealer.seal({"value": value, "expires": time.time() + ttl}, self._identity(key))
         await self._shared.put(self._prefix + _hashed(key), sealed, ttl)
+
+    def _identity(self, key: str) -> str:
+        """The namespace names the app and what is stored (an installation id, a "not installed" answer): a value
+        of one kind, or of another app, is never read as another's."""
+        return f"kv:{self._namespace}:{key}"
 
     async def delete(self, key: str) -> None:
         await self._local.delete(key)
