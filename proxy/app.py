@@ -259,6 +259,7 @@ class Proxy:
     mirror: MirrorService | None = None  # mirror.dir: fixed at start-up too
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     draining: bool = False
+    stopping_since: float | None = None  # monotonic: when the drain began (serve sets it), for the grace left
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the readiness probe
 
@@ -308,6 +309,25 @@ class Proxy:
             changed.append("the token cache settings (systemAuthCacheDuration, refreshBefore, MaxWeight)")
         if changed:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(changed))
+
+    async def revoke_minted_tokens(self) -> None:
+        """GitHub's advice: revoke installation tokens no longer needed. After the drain (the transfers used them),
+        within what is left of shutdownGrace (at least a second), all at once. Without cache.redis only: a fleet
+        shares its tokens, and one replica stopping must not revoke the others' (Config.revokes_on_shutdown)."""
+        if not self.config.revokes_on_shutdown:
+            return
+        held: dict[str, GitHubAppSource] = {}
+        for source in self.app_sources.values():
+            for token in await source.held_tokens():
+                held.setdefault(token, source)  # entries of one app and scope share a token: revoked once
+        if not held:
+            return
+        grace = self.config.server.shutdown_grace
+        spent = time.monotonic() - self.stopping_since if self.stopping_since is not None else 0.0
+        budget = max(1.0, grace - spent)
+        results = await asyncio.gather(*(source.revoke_token(token, budget) for token, source in held.items()))
+        revoked = sum(results)
+        log.info("revoked %d of %d installation tokens on shutdown (revokeOnShutdown)", revoked, len(results))
 
     async def close(self) -> None:
         await self.session.close()
@@ -414,6 +434,10 @@ async def create_app(config: Config) -> web.Application:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        try:
+            await proxy.revoke_minted_tokens()
+        except Exception:  # shutdown goes on whatever GitHub answers
+            log.exception("revoking tokens on shutdown failed")
         await proxy.close()
 
     app.cleanup_ctx.append(lifecycle)

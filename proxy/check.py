@@ -221,8 +221,9 @@ async def _check_app(entry_id: str, source: GitHubAppSource, fingerprint: str, r
         print(f"{entry_id}: key {fingerprint}: FAILED: {error}")
         report.add(f"app {entry_id}", FAILED, str(error))
         return
-    print(f"{entry_id}: key {fingerprint}: GitHub App {app.get('slug')!r} (id {app.get('id')})")
-    report.add(f"app {entry_id}", OK, f"key {fingerprint} signs for GitHub App {app.get('slug')!r}")
+    named = app.get("slug") or app.get("name") or f"id {app.get('id')}"  # GitHub need not send a slug
+    print(f"{entry_id}: key {fingerprint}: GitHub App {named!r} (id {app.get('id')})")
+    report.add(f"app {entry_id}", OK, f"key {fingerprint} signs for GitHub App {named!r}")
     entry = source.entry
     if entry.client_id and entry.app_id is not None:
         _check_issuer_pair(entry, app, report)

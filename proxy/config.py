@@ -35,6 +35,7 @@ from pydantic.alias_generators import to_camel
 
 from .bounded_yaml import YamlRefused, load_bounded_yaml
 from .files import read_regular_file
+from .github_permissions import permission_problem
 from .pem import key_file_of
 
 
@@ -279,6 +280,15 @@ class GitHubAppEntry(_EntryBase):
     permissions: dict[str, Literal["read", "write", "admin"]] | None = None
     scope_to_repository: bool = False
 
+    @field_validator("permissions")
+    @classmethod
+    def _permissions_github_knows(cls, permissions: dict[str, str] | None) -> dict[str, str] | None:
+        for name, level in (permissions or {}).items():
+            problem = permission_problem(name, level)
+            if problem is not None:
+                raise ValueError(problem)
+        return permissions
+
     @field_validator("private_key")
     @classmethod
     def _key_given(cls, key: SecretStr, info: ValidationInfo) -> SecretStr:
@@ -339,6 +349,9 @@ class AppInstallationConfig(_Model):
     system_auth_cache_max_weight: int = Field(default=10_000, ge=1)
     auth: list[AuthEntry] = []
     secret_files: list[Path] = []  # Concord user secrets: {"githubAppInstallation": {...}}, appended to `auth`
+    # On shutdown, revoke the installation tokens this process minted (GitHub's advice for tokens no longer needed).
+    # None: yes, unless cache.redis is set, since the fleet shares its tokens (see Config.revokes_on_shutdown).
+    revoke_on_shutdown: bool | None = None
 
     @field_validator("secret_files")
     @classmethod
@@ -552,6 +565,20 @@ class Config(_Model):
     @property
     def auth(self) -> list[OAuthTokenEntry | GitHubAppEntry]:
         return self.github.app_installation.auth
+
+    @property
+    def revokes_on_shutdown(self) -> bool:
+        chosen = self.github.app_installation.revoke_on_shutdown
+        return chosen if chosen is not None else self.cache.redis is None
+
+    @model_validator(mode="after")
+    def _revoke_only_what_is_ours(self) -> Config:
+        if self.github.app_installation.revoke_on_shutdown and self.cache.redis is not None:
+            raise ValueError(
+                "github.appInstallation.revokeOnShutdown: true with cache.redis would revoke tokens the whole fleet "
+                "shares whenever one replica stops; remove revokeOnShutdown (with cache.redis it defaults to false)"
+            )
+        return self
 
     @property
     def secrets(self) -> list[str]:

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -58,7 +59,7 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
 
     await stop.wait()
     started = loop.time()
-    proxy.draining = True  # /readyz answers 503 from now on
+    proxy.draining, proxy.stopping_since = True, time.monotonic()  # /readyz answers 503 from now on
     log.info("stopping: no new connections; in-flight transfers get up to %.0f s", config.server.shutdown_grace)
     reloader.cancel()
     if watching:

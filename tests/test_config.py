@@ -305,16 +305,33 @@ def test_the_ca_file_must_be_a_readable_regular_file(tmp_path: Path) -> None:
         parse_config({"tls": {"caFile": str(fifo)}})
 
 
-@pytest.mark.parametrize("level", ["write", "admin"])
-def test_read_only_entries_cannot_ask_for_write_permissions(level: str) -> None:
-    bad = app_entry(readOnly=True, permissions={"metadata": "read", "contents": level})
-    message = f"github.appInstallation.auth[0]: readOnly is true but permissions.contents is '{level}'"
+@pytest.mark.parametrize(("name", "level"), [("contents", "write"), ("repository_projects", "admin")])
+def test_read_only_entries_cannot_ask_for_write_permissions(name: str, level: str) -> None:
+    bad = app_entry(readOnly=True, permissions={"metadata": "read", name: level})
+    message = f"github.appInstallation.auth[0]: readOnly is true but permissions.{name} is '{level}'"
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(with_auth(bad))
     read_only = parse_config(with_auth(app_entry(readOnly=True, permissions={"contents": "read"}))).auth[0]
     assert isinstance(read_only, GitHubAppEntry) and read_only.token_permissions == {"contents": "read"}
-    writer = parse_config(with_auth(app_entry(permissions={"contents": level}))).auth[0]  # without readOnly: fine
-    assert isinstance(writer, GitHubAppEntry) and writer.token_permissions == {"contents": level}
+    writer = parse_config(with_auth(app_entry(permissions={name: level}))).auth[0]  # without readOnly: fine
+    assert isinstance(writer, GitHubAppEntry) and writer.token_permissions == {name: level}
+
+
+@pytest.mark.parametrize(
+    ("permissions", "message"),
+    [
+        ({"contents": "admin"}, "'admin' is not a level GitHub allows for contents (allowed: read, write)"),
+        ({"workflows": "read"}, "'read' is not a level GitHub allows for workflows (allowed: write)"),
+        ({"organization_plan": "write"}, "'write' is not a level GitHub allows for organization_plan (allowed: read)"),
+        ({"contentz": "read"}, "'contentz' is not a GitHub App permission; did you mean 'contents'?"),
+        ({"pull-requests": "read"}, "'pull-requests' is not a GitHub App permission; did you mean 'pull_requests'?"),
+    ],
+)
+def test_permissions_github_would_refuse_fail_at_load_naming_the_key(permissions: dict[str, str], message: str) -> None:
+    """Checked against GitHub's app-permissions schema (proxy/github_permissions.py), so that a mistake is a
+    start-up error rather than a 502 at the first clone."""
+    with pytest.raises(ConfigError, match=re.escape(f"github.appInstallation.auth[0].permissions: {message}")):
+        parse_config(with_auth(app_entry(permissions=permissions)))
 
 
 @pytest.mark.parametrize("where", ["server.headerTimeout", "readiness.interval", "upstreams.url", "server.port"])
@@ -384,3 +401,13 @@ def test_a_ca_file_without_a_certificate_is_refused_naming_it(tmp_path: Path) ->
     with pytest.raises(ConfigError) as refused:
         load_config(config_file(tmp_path, "tls:\n  caFile: ca.pem\n"))
     assert f"tls.caFile: {tmp_path}/ca.pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)" in str(refused.value)
+
+
+def test_revoke_on_shutdown_defaults_to_what_is_safe_and_refuses_a_fleet() -> None:
+    redis = {"redis": {"url": "redis://127.0.0.1:6379/0", "encryptionKey": "A" * 43 + "="}}
+    assert parse_config(with_auth(app_entry())).revokes_on_shutdown
+    assert not parse_config({**with_auth(app_entry()), "cache": redis}).revokes_on_shutdown
+    told = with_auth(app_entry())
+    told["github"]["appInstallation"]["revokeOnShutdown"] = True
+    with pytest.raises(ConfigError, match=re.escape("revokeOnShutdown: true with cache.redis would revoke")):
+        parse_config({**told, "cache": redis})

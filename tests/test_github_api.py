@@ -12,7 +12,9 @@ import pytest
 
 from proxy.credentials.answers import (
     DEFAULT_WAIT,
+    MAX_BODY,
     MAX_MESSAGE,
+    MAX_MINT_BODY,
     MAX_SKEW,
     MAX_TOKEN_LIFETIME,
     MAX_WAIT,
@@ -28,6 +30,7 @@ from proxy.credentials.answers import (
     token_lifetime,
 )
 from proxy.errors import GitHubRefused, MalformedAnswer
+from proxy.testing.github_objects import repository_object
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJJdjIzbGkxMjM0In0.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmU"
 
@@ -48,7 +51,18 @@ def token_body(**changes: Any) -> bytes:
 def test_a_good_token_answer_parses() -> None:
     parsed = parse_answer(TokenAnswer, token_body(repositories=[{"name": "app", "full_name": "acme/app"}]), "mint")
     assert parsed.token.startswith("ghs_") and parsed.permissions == {"contents": "read"}
-    assert parsed.expires_at.tzinfo is not None and parsed.repositories and parsed.repositories[0].name == "app"
+    assert parsed.expires_at.tzinfo is not None
+
+
+def test_a_mint_answer_listing_many_full_repositories_parses() -> None:
+    """GitHub lists every selected repository as a full repository object: 400 of them are over 2 MiB, twice the
+    cap of other answers (issue 18: past about 180, the token was lost and minting paused)."""
+    repositories = [repository_object(f"acme/repo-{i}", 1000 + i) for i in range(400)]
+    body = token_body(repositories=repositories)
+    assert len(body) > 2 * MAX_BODY
+    assert parse_answer(TokenAnswer, body, "mint", MAX_MINT_BODY).token.startswith("ghs_")
+    with pytest.raises(MalformedAnswer, match="over 65536 KiB"):
+        parse_answer(TokenAnswer, None, "mint", MAX_MINT_BODY)
 
 
 @pytest.mark.parametrize(
@@ -56,8 +70,6 @@ def test_a_good_token_answer_parses() -> None:
     [
         {"permissions": "abc"},
         {"permissions": {"contents": 1}},
-        {"repositories": 5},
-        {"repositories": [5]},
         {"token": ""},
         {"token": "ghs_abc def"},
         {"token": "ghs_abc\r\nX-Injected: 1"},
@@ -98,9 +110,12 @@ def test_deep_nesting_and_oversized_answers_are_malformed_not_crashes() -> None:
 
 def test_rate_limit_answer_shape() -> None:
     window = {"limit": 5000, "used": 1, "remaining": 4999, "reset": 1_700_000_000}
-    assert parse_answer(RateLimitAnswer, json.dumps({"resources": {}, "rate": window}).encode(), "x").rate.limit == 5000
+    both = json.dumps({"resources": {"core": window}, "rate": window}).encode()  # API version 2022-11-28
+    assert parse_answer(RateLimitAnswer, both, "x").resources.core.limit == 5000
+    newer = json.dumps({"resources": {"core": window, "search": window}}).encode()  # 2026-03-10: no `rate`
+    assert parse_answer(RateLimitAnswer, newer, "x").resources.core.remaining == window["remaining"]
     with pytest.raises(MalformedAnswer):
-        parse_answer(RateLimitAnswer, b'{"rate": {"limit": true, "remaining": 1, "reset": 1}}', "x")
+        parse_answer(RateLimitAnswer, b'{"resources": {"core": {"limit": true, "remaining": 1, "reset": 1}}}', "x")
 
 
 # ------------------------------------------------------------ header numbers
@@ -109,16 +124,19 @@ def test_rate_limit_answer_shape() -> None:
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        ({"Retry-After": "inf"}, MAX_WAIT),
-        ({"Retry-After": "1e20"}, MAX_WAIT),
-        ({"Retry-After": "1000000000"}, MAX_WAIT),
+        # Longer than any window GitHub has: not GitHub's, so unreadable (issue 18: 1e300 kept /readyz down 1 h).
+        ({"Retry-After": "inf"}, DEFAULT_WAIT),
+        ({"Retry-After": "1e20"}, DEFAULT_WAIT),
+        ({"Retry-After": "1e300"}, DEFAULT_WAIT),
+        ({"Retry-After": "1000000000"}, DEFAULT_WAIT),
+        ({"Retry-After": "3600"}, MAX_WAIT),
         ({"Retry-After": "-inf"}, 0.0),
         ({"Retry-After": "nan"}, DEFAULT_WAIT),
         ({"Retry-After": "soon"}, DEFAULT_WAIT),
         ({"Retry-After": "9" * 400}, DEFAULT_WAIT),
         ({"Retry-After": "30"}, 30.0),
-        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1e300"}, MAX_WAIT),
-        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "inf"}, MAX_WAIT),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1e300"}, DEFAULT_WAIT),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "inf"}, DEFAULT_WAIT),
         ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "nan"}, DEFAULT_WAIT),
         ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "tomorrow"}, DEFAULT_WAIT),
         ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "0"}, 0.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.testing import FakeGitHub
@@ -95,7 +96,7 @@ async def test_readyz_follows_the_github_check(
 
 
 async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
-    fake_github: FakeGitHub, acme_app: AcmeApp
+    fake_github: FakeGitHub, acme_app: AcmeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Answers that once killed the prober (a 429 with `Retry-After: inf`, a body of the wrong shape) must never
     keep /readyz at 503 once GitHub answers well again: the next round succeeds, and a reload forgets a limit."""
@@ -139,6 +140,11 @@ async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
         assert not await ready_within(0.3)  # GitHub said to wait: not ready, but the prober lives on
         await app[PROXY].reload(parse_config(config))  # the operator's "try again"
         assert await ready_within(2)  # within two probe intervals and some slack
+        # A wait longer than any window GitHub has is not GitHub's: it counts as unreadable (60 s), not an hour.
+        fake_github.apps.script_next("app", CannedAnswer.error(429, "rate limited", {"Retry-After": "1e300"}))
+        await asyncio.sleep(0.5)
+        waits = [r.getMessage() for r in caplog.records if "readiness: GitHub check" in r.getMessage()]
+        assert waits and 0 < int(waits[-1].rsplit("(in ", 1)[1].split(" s)")[0]) <= 60, waits
     finally:
         await runner.cleanup()
 

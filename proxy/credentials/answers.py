@@ -16,8 +16,11 @@ from ..errors import MalformedAnswer
 from ..logs import redact_shapes
 
 MAX_BODY = 1024 * 1024  # an API answer is a few KiB; past this (decompressed), it is refused unread
+# A mint answer lists the selected repositories in full (about 5.6 KiB each): 64 MiB is over 11,000 of them. It is one
+# answer an hour per installation, and losing it loses a token that was made.
+MAX_MINT_BODY = 64 * 1024 * 1024
 MAX_MESSAGE = 300  # GitHub's message as a git user reads it after `remote:`, and as the audit log keeps it
-MAX_WAIT = 3600.0  # no rate-limit wait or fail-fast window is longer than GitHub's own hourly reset
+MAX_WAIT = 3600.0  # GitHub's longest window (the hourly reset): a longer wait is not GitHub's, and not believed
 DEFAULT_WAIT = 60.0  # GitHub's advice for a secondary limit that names no time; also for a time we cannot read
 MAX_SKEW = 600  # never trust a Date header further off than 10 minutes
 MAX_TOKEN_LIFETIME = 3600 + MAX_SKEW  # GitHub's tokens live one hour; the rest is room for a skewed clock
@@ -47,25 +50,20 @@ class InstallationAnswer(_Answer):
 
 
 class AppAnswer(_Answer):
-    """GET /app."""
+    """GET /app. GitHub's `integration` schema does not require `slug`: only `id` is needed here."""
 
     id: Id
-    slug: Name
+    slug: Name | None = None
     name: Name | None = None
 
 
-class Repository(_Answer):
-    name: Word
-    full_name: Name | None = None
-
-
 class TokenAnswer(_Answer):
-    """POST /app/installations/{id}/access_tokens."""
+    """POST /app/installations/{id}/access_tokens. Only what is used is read: `repositories` lists every selected
+    repository as a full repository object (GitHub's example is 5.6 KiB), and is skipped unread."""
 
     token: Token
     expires_at: AwareDatetime
     permissions: Annotated[dict[Word, Word], Field(max_length=200)] = {}
-    repositories: Annotated[list[Repository], Field(max_length=10_000)] | None = None
 
     @field_validator("expires_at")
     @classmethod
@@ -81,20 +79,25 @@ class RateWindow(_Answer):
     reset: Annotated[int, Field(ge=0, lt=2**63)]
 
 
-class RateLimitAnswer(_Answer):
-    """GET /rate_limit, asked with an installation token."""
+class RateResources(_Answer):
+    core: RateWindow
 
-    rate: RateWindow
+
+class RateLimitAnswer(_Answer):
+    """GET /rate_limit, asked with an installation token. `resources.core`, which every API version has: the
+    top-level `rate` is gone from 2026-03-10 on."""
+
+    resources: RateResources
 
 
 A = TypeVar("A", bound=_Answer)
 
 
-def parse_answer(model: type[A], body: bytes | None, what: str) -> A:
-    """`body` is None when the answer was too large to read. Every failure is one MalformedAnswer, naming the
-    first bad field but never its value (it could be a token)."""
+def parse_answer(model: type[A], body: bytes | None, what: str, limit: int = MAX_BODY) -> A:
+    """`body` is None when the answer was larger than `limit` to read. Every failure is one MalformedAnswer,
+    naming the first bad field but never its value (it could be a token)."""
     if body is None:
-        raise MalformedAnswer(f"{what} is malformed: over {MAX_BODY // 1024} KiB")
+        raise MalformedAnswer(f"{what} is malformed: over {limit // 1024} KiB")
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
@@ -131,10 +134,12 @@ def sanitise_message(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def clamp_wait(seconds: float) -> float:
-    """A wait GitHub asked for, between 0 and MAX_WAIT: `inf` waits the most, `nan` the default."""
-    if math.isnan(seconds):
+    """A wait GitHub asked for, at least 0. GitHub's windows reset within the hour, so a wait longer than that
+    (`1e300`, `inf`) is not GitHub's: it counts as unreadable (DEFAULT_WAIT), like `nan`. Clamping it to the hour
+    instead would let one garbage header keep an entry (and /readyz) down for that hour."""
+    if not seconds <= MAX_WAIT:  # `not <=`: NaN too
         return DEFAULT_WAIT
-    return min(max(seconds, 0.0), MAX_WAIT)
+    return max(seconds, 0.0)
 
 
 def _number(value: str) -> float | None:

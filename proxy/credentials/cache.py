@@ -106,6 +106,9 @@ class BoundedStore:
         self._cache = None
         self._keys.clear()
 
+    def held_keys(self) -> list[str]:
+        return list(self._keys)
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -290,3 +293,9 @@ class TokenCache:
 
     async def peek(self, key: str) -> CachedToken | None:
         return await self._store.get(key)  # type: ignore[no-any-return]
+
+    async def held(self, prefix: str) -> list[CachedToken]:
+        """The live tokens whose keys start with `prefix` (one source's), for revoking them on shutdown."""
+        now = time.monotonic()
+        found = [await self._store.get(key) for key in self._store.held_keys() if key.startswith(prefix)]
+        return [token for token in found if token is not None and token.expires > now]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -28,6 +29,7 @@ from ..errors import (
 )
 from .answers import (
     MAX_BODY,
+    MAX_MINT_BODY,
     MAX_SKEW,
     AppAnswer,
     InstallationAnswer,
@@ -62,7 +64,6 @@ class MintedToken:
     expires_at: datetime
     lifetime: float  # seconds it had left when minted, on GitHub's clock, clamped to GitHub's maximum
     permissions: dict[str, str]
-    repositories: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,12 @@ class _Answer:
     body: bytes | None  # None: larger than MAX_BODY, left unread
     headers: CIMultiDictProxy[str]
     server_time: float | None  # GitHub's clock, from the Date header (None when absent or absurd)
+    limit: int = MAX_BODY  # what the body was read up to
 
     @cached_property
     def message(self) -> str:
         """GitHub's own words, sanitised: safe for a terminal and a log line. Parsed only when someone asks."""
-        return _message_of(self.status, self.body)
+        return _message_of(self.status, self.body, self.limit)
 
 
 class GitHubAppApi:
@@ -146,7 +148,8 @@ class GitHubAppApi:
         return parse_answer(InstallationAnswer, answer.body, f"GitHub's answer to {what}").id
 
     async def create_installation_token(self, installation_id: int, scope: dict[str, Any] | None = None) -> MintedToken:
-        answer = await self._call("POST", f"/app/installations/{installation_id}/access_tokens", body=scope)
+        path = f"/app/installations/{installation_id}/access_tokens"
+        answer = await self._call("POST", path, body=scope, limit=MAX_MINT_BODY)
         if answer.status == 404:
             raise InstallationGone(installation_id, f"installation {installation_id} of {self.entry_id!r} is gone")
         what = f"GitHub's new token for {self.entry_id!r}"
@@ -155,7 +158,9 @@ class GitHubAppApi:
             raise MalformedAnswer(f"{what} is malformed: HTTP {answer.status} instead of 201")
         if answer.status != 201:
             raise GitHubRefused(f"GitHub refused to mint a token for {self.entry_id!r}: {answer.message}")
-        parsed = parse_answer(TokenAnswer, answer.body, what)
+        # A large answer (many selected repositories) is parsed off the event loop: transfers must not wait on it.
+        parse = functools.partial(parse_answer, TokenAnswer, answer.body, what, MAX_MINT_BODY)
+        parsed = await asyncio.to_thread(parse) if len(answer.body or b"") > MAX_BODY else parse()
         lifetime = token_lifetime(parsed.expires_at, github_now(answer.server_time, self._skew, time.time()))
         if lifetime <= 0:
             raise MalformedAnswer(f"{what} is malformed: it expired before it arrived")
@@ -164,7 +169,6 @@ class GitHubAppApi:
             expires_at=parsed.expires_at,
             lifetime=lifetime,
             permissions=dict(parsed.permissions),
-            repositories=[r.full_name or r.name for r in parsed.repositories] if parsed.repositories else None,
         )
 
     async def token_is_alive(self, token: str) -> bool:
@@ -180,6 +184,17 @@ class GitHubAppApi:
             raise GitHubRefused(f"GitHub answered HTTP {answer.status} to a token check for {self.entry_id!r}")
         parse_answer(RateLimitAnswer, answer.body, f"GitHub's answer to a token check for {self.entry_id!r}")
         return True
+
+    async def revoke_token(self, token: str, budget: float) -> bool:
+        """DELETE /installation/token, with the token itself: True when GitHub revoked it (204) or no longer knew
+        it (401). Never retried: it runs at shutdown, within what is left of the grace."""
+        try:
+            answer = await self._send_once(
+                "DELETE", f"{self.api_url}/installation/token", None, budget, f"token {token}"
+            )
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+        return answer.status in (204, 401)
 
     # ------------------------------------------------------------ JWT
 
@@ -207,7 +222,7 @@ class GitHubAppApi:
 
     # ------------------------------------------------------------ transport, retries
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, limit: int = MAX_BODY) -> _Answer:
         self._fail_if_rate_limited()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -217,7 +232,7 @@ class GitHubAppApi:
             # Each try gets its share of what is left, so one hung connection cannot eat every retry's time.
             budget = (deadline - loop.time()) / max(1, MAX_TRIES - tries + 1)
             try:
-                answer = await self._send_once(method, url, body, budget, f"Bearer {self._signed_jwt()}")
+                answer = await self._send_once(method, url, body, budget, f"Bearer {self._signed_jwt()}", limit)
             except (TimeoutError, aiohttp.ClientError) as error:
                 if tries < MAX_TRIES and await _backoff(tries, deadline):
                     continue
@@ -267,8 +282,9 @@ class GitHubAppApi:
             )
 
     async def _send_once(
-        self, method: str, url: str, body: dict[str, Any] | None, budget: float, authorization: str
-    ) -> _Answer:
+        self, method: str, url: str, body: dict[str, Any] | None, budget: float, authorization: str,
+        limit: int = MAX_BODY,
+    ) -> _Answer:  # fmt: skip
         headers = {
             "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": API_VERSION,
@@ -280,25 +296,30 @@ class GitHubAppApi:
             timeout=aiohttp.ClientTimeout(total=max(budget, 0.001)),
         ) as response:  # fmt: skip
             server_time = parse_date(response.headers.get("Date"), time.time())
-            return _Answer(response.status, await _read_capped(response), response.headers, server_time)
+            # The larger cap is for the answer it was made for (a mint's 201); an error is a message, and small.
+            limit = limit if 200 <= response.status < 300 else MAX_BODY
+            read = await _read_capped(response, limit)
+            return _Answer(response.status, read, response.headers, server_time, limit)
 
 
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
-    """The body as the API session decompressed it, chunk by chunk: a gzip bomb stops at MAX_BODY, and the
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body as the API session decompressed it, chunk by chunk: a gzip bomb stops at `limit`, and the
     connection is closed rather than drained. None when it was larger."""
     chunks, size = [], 0
     async for chunk in response.content.iter_chunked(_READ_CHUNK):
         size += len(chunk)
-        if size > MAX_BODY:
+        if size > limit:
             response.close()
             return None
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _message_of(status: int, body: bytes | None) -> str:
+def _message_of(status: int, body: bytes | None, limit: int) -> str:
     if body is None:
-        return f"HTTP {status} (an answer over {MAX_BODY // 1024} KiB, not read)"
+        return f"HTTP {status} (an answer over {limit // 1024} KiB, not read)"
+    if len(body) > MAX_BODY:
+        return f"HTTP {status}"  # a message is a line: a huge error body is not parsed on the event loop for it
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: a deeply nested document

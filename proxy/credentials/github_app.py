@@ -158,6 +158,13 @@ class GitHubAppSource:
     async def close(self) -> None:
         return None
 
+    async def held_tokens(self) -> list[str]:
+        """The live tokens of this source's cache keys (another entry of the same app and scope shares them)."""
+        return [token.reused.token for token in await self._tokens.held(self._key_prefix)]
+
+    async def revoke_token(self, token: str, budget: float) -> bool:
+        return await self._api.revoke_token(token, budget)
+
     # ------------------------------------------------------------ healing
 
     async def _heal(self, key: str, credential: Credential, why: str) -> bool:
@@ -208,7 +215,8 @@ class GitHubAppSource:
         if not self._app_slug_asked:
             self._app_slug_asked = True
             with contextlib.suppress(CredentialError):  # only a nicer message was at stake
-                self._app_slug = str((await self._api.get_app())["slug"])
+                app = await self._api.get_app()
+                self._app_slug = app["slug"] or app["name"]  # `slug` is optional in GitHub's description
         return f" (app {self._app_slug!r})" if self._app_slug else ""
 
     async def _known(self, owner: str) -> int | _NotInstalled | None:

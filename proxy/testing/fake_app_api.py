@@ -20,6 +20,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .github_objects import repository_object
+
 # GitHub's own wording, which the proxy's skew detection and error messages rely on.
 MSG_NOT_DECODED = "A JSON web token could not be decoded"
 MSG_IAT = "'Issued at' claim ('iat') must be an Integer representing the time that the assertion was issued"
@@ -44,7 +46,7 @@ _KINDS = {"lookup": "/installation", "mint": "/access_tokens", "app": "/app", "r
 class FakeApp:
     app_id: int
     client_id: str
-    slug: str
+    slug: str | None  # None: GET /app answers without one (GitHub's description does not require it)
     public_key: rsa.RSAPublicKey
 
 
@@ -144,7 +146,7 @@ class FakeAppApi:
 
     # ------------------------------------------------------------ set-up and controls
 
-    def add_app(self, key: rsa.RSAPrivateKey, *, slug: str = "acme-app") -> FakeApp:
+    def add_app(self, key: rsa.RSAPrivateKey, *, slug: str | None = "acme-app") -> FakeApp:
         number = len(self.apps) + 1
         app = FakeApp(100 + number, f"Iv23li{secrets.token_hex(5)}", slug, key.public_key())
         self.apps.append(app)
@@ -236,13 +238,19 @@ class FakeAppApi:
             return app
         parts = path.strip("/").split("/")
         if path == "/app" and request.method == "GET":
-            return web.json_response({"id": app.app_id, "slug": app.slug, "client_id": app.client_id,
-                                      "name": app.slug.replace("-", " ").title()})  # fmt: skip
+            return web.json_response(self._app_json(app))
         if parts[-1] == "installation" and request.method == "GET":
             return self._find_installation(request, app, parts)
         if parts[-1] == "access_tokens" and request.method == "POST":
             return await self._mint(request, app, int(parts[2]))
         return _message(404, "Not Found")
+
+    @staticmethod
+    def _app_json(app: FakeApp) -> dict[str, Any]:
+        answer: dict[str, Any] = {"id": app.app_id, "client_id": app.client_id, "name": "Acme CI"}
+        if app.slug is not None:
+            answer.update(slug=app.slug, name=app.slug.replace("-", " ").title())
+        return answer
 
     def _authenticate(self, request: web.Request) -> FakeApp | web.Response:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -345,8 +353,10 @@ class FakeAppApi:
             "permissions": permissions,
             "repository_selection": "all" if repos is None else "selected",
         }
-        if repos is not None:
-            answer["repositories"] = [{"name": r.split("/")[1], "full_name": r} for r in sorted(repos)]
+        if repos is not None:  # as GitHub does: every selected repository, each a full repository object
+            answer["repositories"] = [
+                repository_object(r, 5000 + i, installation.id) for i, r in enumerate(sorted(repos))
+            ]
         if self.mangle_mints is not None:
             return web.Response(text=json.dumps(self.mangle_mints(answer)), status=201, content_type="application/json")
         return web.json_response(answer, status=201)
@@ -367,7 +377,8 @@ class FakeAppApi:
         if grant is None or (grant.expires_at is not None and self.now() >= grant.expires_at):
             return _message(401, "Bad credentials")
         window = {"limit": 5000, "used": 1, "remaining": 4999, "reset": int(self.now()) + 3600}
-        return web.json_response({"resources": {"core": window, "search": {**window, "limit": 30}}, "rate": window})
+        # API version 2026-03-10's shape: no top-level `rate` (deprecated since 2021), only `resources`.
+        return web.json_response({"resources": {"core": window, "search": {**window, "limit": 30}}})
 
     def _revoke(self, request: web.Request) -> web.Response:
         _, _, token = request.headers.get("Authorization", "").partition(" ")

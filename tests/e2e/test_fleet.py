@@ -252,3 +252,18 @@ async def test_one_replica_with_redis_looks_an_owner_up_once(
     finally:
         await tier.store.close()
     assert (fake_github.apps.count("lookup"), fake_github.apps.count("mint")) == (1, 1)
+
+
+async def test_a_replica_that_stops_revokes_nothing_the_fleet_shares(
+    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, git: Git, tmp_path: Path
+) -> None:
+    """revokeOnShutdown defaults to false with cache.redis: the other replicas go on with the shared token."""
+    first, second = await start_processes(tmp_path, fleet_config(fake_github, acme_app, redis_server), 2)
+    try:
+        await git("clone", "--quiet", f"{first.url}/github.com/acme/private", "a")
+        assert await first.stop() == 0
+        await git("clone", "--quiet", f"{second.url}/github.com/acme/other", "b")
+    finally:
+        await kill_all([first, second])
+    assert fake_github.apps.count("mint") == 1
+    assert not [call for call in fake_github.apps.calls if call.path == "/installation/token"]

@@ -324,3 +324,35 @@ async def test_repo_installation_tells_a_repo_outside_the_selection_apart(
     assert [call.path for call in fake_github.apps.calls] == [
         "/repos/octo/tool/installation", "/repos/octo/other/installation", "/orgs/octo/installation",
     ]  # fmt: skip
+
+
+async def test_a_mint_answer_listing_hundreds_of_full_repositories_works(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    """An installation on 400 selected repositories: GitHub's mint answer lists each as a full repository object,
+    over 2 MiB in all (issue 18: past about 180, the answer passed the 1 MiB cap, the token was lost and minting
+    paused). It is read with the larger cap of mint answers, and only the fields used are kept."""
+    fake_github.apps.installations.clear()
+    selected = ["acme/private", *(f"acme/repo-{i:03}" for i in range(399))]
+    fake_github.apps.add_installation(acme_app.app, "acme", repos=selected)
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await clone(git, proxy, "acme/private", "out")
+    assert counts(fake_github) == (1, 1)
+
+
+async def test_get_app_without_a_slug_names_the_app_by_its_name(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """`slug` is optional in GitHub's `integration` schema: check, and the refusals that name the app, use its name."""
+    from proxy.check import run_check
+    from proxy.config import parse_config
+
+    acme_app.app.slug = None
+    config = app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*")
+    assert await run_check(parse_config(config), "config.yaml", None) == 0
+    assert "GitHub App 'Acme CI'" in capsys.readouterr().out
+    proxy = await start_proxy(config)
+    assert "is not installed on nobody/x (or cannot see it) (app 'Acme CI')" in await refused_clone(
+        git, proxy, "nobody/x"
+    )

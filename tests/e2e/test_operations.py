@@ -252,3 +252,34 @@ async def test_drain_delay_keeps_accepting_and_says_draining_on_the_git_port(
         assert (response.status, await response.text()) == (503, "draining: finishing transfers before shutdown\n")
     await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "during-the-delay")  # still accepted
     assert await proxy.stop() == 0
+
+
+def revocations(fake: FakeGitHub) -> list[int]:
+    return [call.status for call in fake.apps.calls if call.method == "DELETE" and call.path == "/installation/token"]
+
+
+async def test_shutdown_revokes_the_tokens_this_process_minted(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    """GitHub's advice: revoke installation tokens no longer needed. After the drain, so that transfers finish with
+    them; one DELETE per token, however many entries share it."""
+    install_on_octo(fake_github, acme_app)
+    proxy = await serve_process(with_octo_entry(app_config(fake_github.url, acme_app), acme_app))
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "acme")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/octo/tool", "octo")
+    minted = list(fake_github.apps.minted_tokens)
+    assert len(minted) == 2
+    assert await proxy.stop() == 0
+    assert revocations(fake_github) == [204, 204]
+    assert not set(minted) & set(fake_github.apps.grants)  # GitHub no longer honours them
+    assert "revoked 2 of 2 installation tokens on shutdown" in proxy.stderr
+
+
+async def test_shutdown_revokes_nothing_when_told_not_to(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    config = app_config(fake_github.url, acme_app, {"revokeOnShutdown": False})
+    proxy = await serve_process(config)
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "acme")
+    assert await proxy.stop() == 0
+    assert revocations(fake_github) == []
