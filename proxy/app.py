@@ -26,8 +26,18 @@ from .credentials.keys import AppKey, load_app_key
 from .credentials.shared import Sealer, SharedTokens, StoreFactory, local_stores, tiered_stores
 from .credentials.static import StaticTokenSource
 from .errors import ProxyError
-from .forward import FORWARD_CONTEXT, ForwardContext, LiveContext, TransferWatch, forward_lfs_object, forward_request
+from .forward import (
+    FORWARD_CONTEXT,
+    ForwardContext,
+    LiveContext,
+    TransferWatch,
+    forward_lfs_object,
+    forward_request,
+    status_for,
+)
+from .guards import check_host, refuse_browsers
 from .lfs import LfsPolicy
+from .logs import sanitise_for_client
 from .metrics import Metrics
 from .routing import Router, base_url_host
 
@@ -390,10 +400,35 @@ async def _probe_once(proxy: Proxy) -> None:
             proxy.github_ok_at[entry_id] = time.monotonic()
 
 
-def add_ops_routes(app: web.Application, proxy: Proxy) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
+def add_ops_routes(app: web.Application, proxy: Proxy, *, metrics: bool = True, on_git_port: bool = False) -> None:
+    """On the git port, the probes and /metrics pass the same edge as git paths (see `_on_the_git_port`)."""
+    probes: list[tuple[str, Handler]] = [("/healthz", healthz), ("/readyz", readyz)]
+    if metrics:
+        probes.append(("/metrics", make_aiohttp_handler(proxy.metrics.registry)))
+    for path, handler in probes:
+        app.router.add_get(path, _on_the_git_port(handler, path == "/metrics") if on_git_port else handler)
+
+
+def _on_the_git_port(handler: Handler, needs_client: bool) -> Handler:
+    """The git port is what a web page can reach through DNS rebinding, and what access control guards. So:
+    no browser; a Host that is a loopback name, a configured name or an IP address (kubelet's probes and
+    Prometheus's scrapes name the pod's IP; rebinding always names the attacker's domain); and, for /metrics with
+    access control on, a client token, as git paths need. `server.metricsPort` stays a port of its own, unguarded."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        context = request.app[FORWARD_CONTEXT].current
+        try:
+            refuse_browsers(request.headers)
+            check_host(request, context.allowed_hosts, ip_literals=True)
+            if needs_client:
+                context.access.authenticate(request.headers.get("Authorization"))
+        except ProxyError as error:
+            status = status_for(error)
+            headers = {"WWW-Authenticate": 'Basic realm="git-token-proxy"'} if status == 401 else None
+            return web.Response(status=status, text=f"{sanitise_for_client(str(error))}\n", headers=headers)
+        return await handler(request)
+
+    return guarded
 
 
 def create_ops_app(proxy: Proxy) -> web.Application:
@@ -441,11 +476,9 @@ async def create_app(config: Config) -> web.Application:
         await proxy.close()
 
     app.cleanup_ctx.append(lifecycle)
-    if config.server.metrics_port is None:
-        add_ops_routes(app, proxy)
-    else:
-        app.router.add_get("/healthz", healthz)  # liveness also on the git port, where Docker's HEALTHCHECK looks
-        app.router.add_get("/readyz", readyz)  # and "draining" there too, until the listener closes
+    # With server.metricsPort, the probes stay on the git port too: liveness where Docker's HEALTHCHECK looks, and
+    # "draining" there until the listener closes.
+    add_ops_routes(app, proxy, metrics=config.server.metrics_port is None, on_git_port=True)
     # Handles the proxy itself gave out in LFS batch answers; `/_lfs` can never be an upstream host's path.
     app.router.add_route("*", "/_lfs/{handle}", forward_lfs_object)
     app.router.add_route("*", "/{path:.*}", forward_request)

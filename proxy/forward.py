@@ -50,6 +50,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .guards import check_host, refuse_browsers
 from .lfs import (
     DigestCheck,
     HandleRefused,
@@ -299,8 +300,8 @@ async def _forward(
 ) -> web.StreamResponse:  # fmt: skip
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
-        _refuse_browsers(request.headers)
-        _check_host(request, context.allowed_hosts)
+        refuse_browsers(request.headers)
+        check_host(request, context.allowed_hosts)
         client = context.access.authenticate(request.headers.get("Authorization"))
         exchange.client = client.name if client else None
         exchange.route = route = context.router.resolve_route(request.method, path, query)
@@ -501,8 +502,8 @@ async def _serve_lfs_object(
     request: web.Request, context: ForwardContext, live: LiveContext, exchange: _Exchange
 ) -> web.StreamResponse:
     try:
-        _refuse_browsers(request.headers)
-        _check_host(request, context.allowed_hosts)
+        refuse_browsers(request.headers)
+        check_host(request, context.allowed_hosts)
         client = context.access.authenticate(request.headers.get("Authorization"))
         exchange.client = client.name if client else None
         if context.lfs is None:
@@ -564,6 +565,7 @@ async def _exchange_with_storage(
             _refuse_if_body_broke(exchange)
             if not 200 <= upstream.status < 300:
                 raise StorageRefused(f"storage host {action.storage_host} answered HTTP {upstream.status}")
+            _refuse_control_characters(upstream, f"storage host {action.storage_host}")
         except BaseException:
             upstream.close()
             raise
@@ -662,34 +664,6 @@ def _finish(upstream: aiohttp.ClientResponse, fully_exchanged: bool) -> None:
         upstream.release()
     else:
         upstream.close()
-
-
-def _check_host(request: web.Request, allowed_hosts: frozenset[str]) -> None:
-    """DNS rebinding: a web page on `rebind.attacker.example` whose name now points at 127.0.0.1 is same-origin
-    with this proxy, and a plain GET from it carries no Origin. But its Host header still names the attacker's
-    domain, while git always sends the host it connected to. So only loopback names and the names the operator
-    listed are served."""
-    hosts = request.headers.getall("Host", ())
-    value = hosts[0].strip().lower() if len(hosts) == 1 else ""
-    host, _, port = value.rpartition(":")
-    name = host if port.isascii() and port.isdigit() else value
-    if value and (name in _LOOPBACK_NAMES or value in allowed_hosts or name in allowed_hosts):
-        return
-    shown = sanitise_for_client(value, 100) if value else "(none)"
-    raise MisdirectedRequest(
-        f"Host {shown!r} is not served by this proxy; use 127.0.0.1, localhost or [::1], "
-        "or add the name to server.allowedHosts"
-    )
-
-
-_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
-
-
-def _refuse_browsers(headers: CIMultiDictProxy[str]) -> None:
-    """A web page can reach 127.0.0.1 too (DNS rebinding makes it same-origin). Browsers always mark their
-    requests with Origin or Sec-Fetch-*; git never does. So such a request never gets near a token."""
-    if "Origin" in headers or any(name.lower().startswith("sec-fetch-") for name in headers):
-        raise BrowserRequestRefused("requests from web browsers are refused; this proxy serves git clients only")
 
 
 def _refuse_body_on_get(request: web.Request) -> None:
@@ -968,10 +942,15 @@ def _check_status(upstream: aiohttp.ClientResponse, route: Route, credential: Cr
         raise UpstreamNeedsAuth(f"{route.repo} needs credentials and no auth entry of this proxy matches it")
 
 
-def _response_headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+def _refuse_control_characters(upstream: aiohttp.ClientResponse, host: str) -> None:
+    """aiohttp refuses to write a header value with a control character (it could split the response): an answer
+    carrying one is refused with its reason, from GitHub or a storage host alike, rather than crash mid-answer."""
     if any(_CONTROL.search(value) for value in upstream.headers.values()):
-        # aiohttp refuses to write such a header (it could split the response): say so rather than crash.
-        raise UpstreamBadResponse(f"{route.upstream.host} answered with a control character in a header")
+        raise UpstreamBadResponse(f"{host} answered with a control character in a header")
+
+
+def _response_headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+    _refuse_control_characters(upstream, route.upstream.host)
     out = CIMultiDict((name, value) for name, value in upstream.headers.items() if name.lower() not in _NOT_RETURNED)
     if "Location" in upstream.headers:
         out["Location"] = _rewrite_location(upstream.headers["Location"], route)

@@ -341,7 +341,7 @@ class ServeProcess:
     def answers(self, path: str, timeout: float = 1) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
                 return sock.recv(64).startswith(b"HTTP/1.1 200")
         except OSError:
             return False

@@ -1,10 +1,11 @@
-"""The mirror cache: answers pack requests from a local bare mirror per repo, filling it from upstream first when
-it lacks what a client wants. Refs and the right to read still come from upstream (see `forward` and `proof`)."""
+"""The mirror cache: answers pack requests from a local bare mirror per repo, brought in line with upstream's refs
+first. Refs and the right to read still come from upstream (see `forward` and `proof`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ class Mirror:
         self._store = MirrorStore(settings.dir)
         self._git = MirrorGit(self._store.home, ca_file)
         self._maintenance = MirrorMaintenance(self._store, self._git, metrics, settings.max_size)
-        self._filler = MirrorFiller(self._store, self._git, metrics, self._maintenance.note_filled)
+        self._filler = MirrorFiller(
+            self._store, self._git, metrics, self._maintenance.note_filled, self._maintenance.note_unclean
+        )
         self._serving: dict[UploadPack, MirrorSlot] = {}
 
     def covers(self, matched: str) -> bool:
@@ -62,6 +65,7 @@ class Mirror:
     ) -> MirrorAnswer | None:  # fmt: skip
         """The answer to a pack request (`body` already inflated), or None: send it upstream instead. None for
         anything but a fetch (ls-refs), wants the mirror cannot get, a broken mirror, a full disk."""
+        arrived = time.monotonic()
         key = MirrorStore.key_of(matched)
         if key is None or not self.covers(matched) or not upstream_repo_url.startswith(("https://", "http://")):
             return None
@@ -81,7 +85,7 @@ class Mirror:
             return None  # being evicted this very moment
         answer = None
         try:
-            answer = await self._answer(slot, request, body, git_protocol, upstream_repo_url, credential)
+            answer = await self._answer(slot, request, body, git_protocol, upstream_repo_url, credential, arrived)
         except Exception:
             # A cache must never fail a clone: whatever went wrong here, upstream can still answer.
             log.exception("mirror of %s failed to answer; the request goes upstream", key)
@@ -92,14 +96,26 @@ class Mirror:
 
     async def _answer(
         self, slot: MirrorSlot, request: PackRequest, body: bytes, git_protocol: str | None, url: str,
-        credential: Credential | None,
+        credential: Credential | None, arrived: float,
     ) -> MirrorAnswer | None:  # fmt: skip
-        outcome: Literal["hit", "filled"] = "hit"
-        # want-ref asks the mirror to resolve a ref: only a fetch just now makes its refs upstream's.
-        if request.want_refs or await self._git.missing_objects(slot.path, request.wants):
-            if not await self._filler.fill(slot, request.wants, url, credential):
+        # Upstream's refs of now, every time: a commit upstream no longer has (force-pushed away, its reflog
+        # expired, gc'd) must not outlive it here. The mirror serves only what those refs reach; anything else
+        # goes upstream, whose answer is the truth (`not our ref`, or the object).
+        had_them = not request.want_refs and not await self._git.missing_objects(slot.path, request.wants)
+        if not had_them and self._filler.came_up_short_lately(slot):
+            return None
+        if not await self._filler.sync(slot, url, credential, arrived):
+            return None
+        if not had_them and await self._git.missing_objects(slot.path, request.wants):
+            self._filler.note_short(slot)
+            return None  # upstream's refs do not reach them: upstream answers
+        # In a clean mirror (CLEAN_MARK) every object is one the refs reach; otherwise each want is checked, and
+        # the mirror is pruned in the background.
+        if not await self._store.is_clean(slot):
+            self._maintenance.note_unclean(slot)
+            if not await self._git.all_reachable(slot.path, request.wants):
                 return None
-            outcome = "filled"
+        outcome: Literal["hit", "filled"] = "hit" if had_them else "filled"
         run = await start_upload_pack(
             self._git, slot.path, body, git_protocol, lambda failed: self._upload_pack_ended(slot, failed)
         )

@@ -1,4 +1,5 @@
-"""Filling a mirror from upstream: a whole fetch the first time, `fetch --prune` later; one flight per repo."""
+"""Filling a mirror from upstream: a whole fetch the first time, `fetch --prune` later (the refs are upstream's of
+now); one flight per repo."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from ..credentials import Credential
@@ -24,89 +25,73 @@ MIRROR_REFSPEC = "+refs/*:refs/*"
 # refuses for an hour must not cost a full connectivity walk per request.
 CHECK_PAUSE_SECONDS = 600.0
 
+REFILL_PAUSE = 5.0  # after a sync that lacked wanted objects, requests lacking objects go upstream this long
+
 T = TypeVar("T")
 
 
-UNOBTAINABLE_FOR = 60.0  # how long a want that upstream did not send is not fetched for again
-REFILL_PAUSE = 5.0  # after a fetch that lacked wanted objects, the next waits this long (requests go upstream)
+@dataclass(frozen=True)
+class _Flight:
+    task: asyncio.Task[bool]
+    started: float  # time.monotonic()
 
 
 class MirrorFiller:
-    """Fetches into mirrors. Concurrent requests for one repo share one fetch (`asyncio.shield`: a client that goes
-    away never cancels the fetch the others wait for); different repos fetch in parallel."""
+    """Brings mirrors in line with upstream: the first time a whole fetch, later `fetch --prune`, so that the
+    mirror's refs are upstream's. Concurrent requests for one repo share one fetch (`asyncio.shield`: a client
+    that goes away never cancels the fetch the others wait for); different repos fetch in parallel."""
 
     def __init__(
-        self, store: MirrorStore, git: MirrorGit, metrics: Metrics, on_filled: Callable[[MirrorSlot], None]
-    ) -> None:
+        self, store: MirrorStore, git: MirrorGit, metrics: Metrics, on_filled: Callable[[MirrorSlot], None],
+        on_unclean: Callable[[MirrorSlot], None],
+    ) -> None:  # fmt: skip
         self._store = store
         self._git = git
         self._metrics = metrics
         self._on_filled = on_filled
-        self._flights: dict[str, asyncio.Task[bool]] = {}
+        self._on_unclean = on_unclean
+        self._flights: dict[str, _Flight] = {}
+        self._short_at: BoundedDict[str, float] = BoundedDict(10_000)  # mirror key -> when a sync came up short
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._passed_check_at: dict[str, float] = {}
-        # (mirror, object id) -> when our own fetch did not bring it: client-driven, so bounded.
-        self._unobtainable: BoundedDict[tuple[str, str], float] = BoundedDict(10_000)
-        self._short_at: BoundedDict[str, float] = BoundedDict(10_000)  # mirror key -> when a fetch came up short
 
-    async def fill(self, slot: MirrorSlot, wants: Sequence[str], url: str, credential: Credential | None) -> bool:
-        """Fetch until the mirror holds every want; False when it cannot (the request then goes upstream)."""
-        if wants and all(self._unobtainable_lately(slot.key, want) for want in wants):
-            return False  # upstream did not send these a moment ago: no second round of fetches for them
-        if not self._in_flight(slot) and self._came_up_short_lately(slot.key):
-            # A fetch moments ago did not bring what its client wanted: until the pause ends, requests with
-            # missing wants go upstream, so a client sending ids upstream lacks costs one fetch per pause, not
-            # several per request. A fetch that brought everything sets no pause (a push, then a clone).
-            return False
-        for _ in range(2):
-            flight, joined = self._flight(slot, wants, url, credential)
-            if not await _shared(flight, False):
-                return False
-            missing = await self._git.missing_objects(slot.path, wants)
-            if not missing:
-                return True
-            if not joined:
-                # Our own fetch asked for these very objects, and upstream did not send them. Remembered a while,
-                # so that a client asking again and again for ids upstream lacks costs no fetch each time.
-                now = time.monotonic()
-                for want in missing:
-                    self._unobtainable[(slot.key, want)] = now
-                self._short_at[slot.key] = now
-                return False
-            # The fetch we joined started before our client saw upstream's refs: one more, of our own.
-        return False
+    async def sync(self, slot: MirrorSlot, url: str, credential: Credential | None, arrived: float) -> bool:
+        """The mirror with upstream's refs as they are now: from a fetch that started after `arrived` (when the
+        request came, which is after its client read upstream's refs). A fetch under way that started earlier
+        may predate a force-push the client saw, so it is waited out, and a newer one shared or started: a
+        burst of requests costs at most two fetches. False when the fetch failed (the request goes upstream)."""
+        while True:
+            flight = self._flights.get(slot.key)
+            if flight is None or flight.task.done():
+                flight = self._start(slot, url, credential)
+            if flight.started >= arrived:
+                return await _shared(flight.task, False)
+            await _shared(flight.task, False)  # too old for this request: wait it out, then one of its own
 
-    def _came_up_short_lately(self, key: str) -> bool:
-        short_at = self._short_at.get(key)
+    def note_short(self, slot: MirrorSlot) -> None:
+        """A sync just now did not bring what its request wanted (ids upstream's refs do not reach)."""
+        self._short_at[slot.key] = time.monotonic()
+
+    def came_up_short_lately(self, slot: MirrorSlot) -> bool:
+        """Until REFILL_PAUSE has passed, a request whose wants the mirror lacks goes upstream without a sync of
+        its own: a client sending ids upstream lacks costs one sync per pause, not one per request."""
+        short_at = self._short_at.get(slot.key)
         return short_at is not None and time.monotonic() - short_at < REFILL_PAUSE
 
-    def _in_flight(self, slot: MirrorSlot) -> bool:
-        flight = self._flights.get(slot.key)
-        return flight is not None and not flight.done()
+    def _start(self, slot: MirrorSlot, url: str, credential: Credential | None) -> _Flight:
+        task = asyncio.create_task(self._fill(slot, url, credential), name=f"mirror fill {slot.key}")
+        flight = self._flights[slot.key] = _Flight(task, time.monotonic())
+        task.add_done_callback(functools.partial(_forget_flight, self._flights, slot.key, flight))
+        return flight
 
-    def _unobtainable_lately(self, key: str, want: str) -> bool:
-        seen = self._unobtainable.get((key, want))
-        return seen is not None and time.monotonic() - seen < UNOBTAINABLE_FOR
-
-    def _flight(
-        self, slot: MirrorSlot, wants: Sequence[str], url: str, credential: Credential | None
-    ) -> tuple[asyncio.Task[bool], bool]:
-        flight = self._flights.get(slot.key)
-        if flight is not None and not flight.done():
-            return flight, True
-        flight = asyncio.create_task(self._fill(slot, tuple(wants), url, credential), name=f"mirror fill {slot.key}")
-        self._flights[slot.key] = flight
-        flight.add_done_callback(functools.partial(_forget, self._flights, slot.key))
-        return flight, False
-
-    async def _fill(self, slot: MirrorSlot, wants: Sequence[str], url: str, credential: Credential | None) -> bool:
+    async def _fill(self, slot: MirrorSlot, url: str, credential: Credential | None) -> bool:
         authorization = credential.authorization if credential is not None else None
         async with slot.lock:
             try:
                 if await self._store.exists(slot):
-                    filled = await self._refresh(slot, wants, url, authorization)
+                    filled = await self._refresh(slot, url, authorization)
                 else:
-                    filled = await self._create(slot, wants, url, authorization)
+                    filled = await self._create(slot, url, authorization)
             except OSError as error:  # disk full, a permission: the request goes upstream, the clone never fails
                 log.warning("mirror of %s could not be filled: %s", slot.key, error)
                 filled = False
@@ -118,7 +103,7 @@ class MirrorFiller:
             self._on_filled(slot)
         return filled
 
-    async def _create(self, slot: MirrorSlot, wants: Sequence[str], url: str, authorization: str | None) -> bool:
+    async def _create(self, slot: MirrorSlot, url: str, authorization: str | None) -> bool:
         """Built under a temporary name and renamed once whole: a crash leaves no half mirror under the real one."""
         incoming = await self._store.incoming_path(slot)
         try:
@@ -128,37 +113,29 @@ class MirrorFiller:
             if done.returncode != 0:
                 log.warning("mirror of %s: first fetch from %s failed (%s)", slot.key, url, describe_failure(done))
                 return False
-            await self._fetch_unadvertised(incoming, slot, wants, url, authorization)
+            await self._store.mark_clean(incoming)  # a fresh fetch holds only what the refs reach
             await self._store.install(incoming, slot)
             log.info("mirror of %s created from %s", slot.key, url)
             return True
         finally:
             await self._store.discard(incoming)  # nothing left once installed
 
-    async def _refresh(self, slot: MirrorSlot, wants: Sequence[str], url: str, authorization: str | None) -> bool:
+    async def _refresh(self, slot: MirrorSlot, url: str, authorization: str | None) -> bool:
         stale = await self._store.clear_stale_locks(slot)
         if stale:
             log.warning("mirror of %s: removed lock files left by an interrupted git: %s", slot.key, ", ".join(stale))
+        before = await self._git.ref_tips(slot.path) if await self._store.is_clean(slot) else None
         done = await self._git.fetch(slot.path, url, [MIRROR_REFSPEC], authorization, prune=True)
         if done.returncode != 0:
             log.warning("mirror of %s: fetch from %s failed (%s)", slot.key, url, describe_failure(done))
             self.schedule_check(slot)  # runs after this fill lets go of the lock; waiters go upstream meanwhile
             return False
-        await self._fetch_unadvertised(slot.path, slot, wants, url, authorization)
+        if before is not None and not await self._git.all_reachable(slot.path, before):
+            # A ref was rewound or deleted: what it alone reached is still here, and must not be served as if
+            # upstream still had it. Pruned in the background (maintenance); until then only reachability counts.
+            await self._store.mark_unclean(slot)
+            self._on_unclean(slot)
         return True
-
-    async def _fetch_unadvertised(
-        self, mirror: Path, slot: MirrorSlot, wants: Sequence[str], url: str, authorization: str | None
-    ) -> None:
-        """Wants that no ref reaches any more (a force-push since the client's ls-refs) or never did (a fetch by
-        commit id): asked for by id. Such objects have no ref here; gc keeps them for its prune expiry."""
-        missing = await self._git.missing_objects(mirror, wants)
-        if not missing:
-            return
-        done = await self._git.fetch(mirror, url, sorted(missing), authorization, prune=False)
-        if done.returncode != 0:
-            log.info("mirror of %s: upstream did not send %d wanted objects (%s)", slot.key, len(missing),
-                     describe_failure(done))  # fmt: skip
 
     # ------------------------------------------------------------ integrity
 
@@ -197,7 +174,7 @@ class MirrorFiller:
                 log.exception("mirror of %s: integrity check failed", slot.key)
 
     async def close(self) -> None:
-        tasks = [*self._flights.values(), *self._checks.values()]
+        tasks = [*(flight.task for flight in self._flights.values()), *self._checks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,3 +195,8 @@ async def _shared(task: asyncio.Task[T], if_cancelled: T) -> T:
 def _forget(tasks: dict[str, asyncio.Task[T]], key: str, task: asyncio.Task[T]) -> None:
     if tasks.get(key) is task:
         del tasks[key]
+
+
+def _forget_flight(flights: dict[str, _Flight], key: str, flight: _Flight, _: asyncio.Task[bool]) -> None:
+    if flights.get(key) is flight:
+        del flights[key]

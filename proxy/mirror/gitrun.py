@@ -117,6 +117,24 @@ class MirrorGit:
         present = {line.split(" ")[0] for line in answers if not line.endswith(" missing")}
         return {oid for oid in object_ids if oid not in present}
 
+    async def ref_tips(self, mirror: Path) -> list[str]:
+        """What every ref points at (tags unpeeled), each once."""
+        done = await self.run(mirror, "for-each-ref", "--format=%(objectname)")
+        return sorted(set(done.stdout.decode(errors="replace").split())) if done.returncode == 0 else []
+
+    async def all_reachable(self, mirror: Path, object_ids: Sequence[str]) -> bool:
+        """Whether every id is reachable from the mirror's refs (which a sync just made upstream's). rev-list walks
+        from the wants and stops at anything a ref reaches: a want it prints is one no ref reaches (a commit force-
+        pushed away, a tag no ref names), and so is one it cannot read. upload-pack itself does not check this in
+        protocol v2, whatever uploadpack.allowReachableSHA1InWant says. A blob or tree want (a partial clone's
+        lazy fetch) may be printed though reachable: it goes upstream, which is only slower."""
+        if not object_ids:
+            return True
+        asked = "".join(f"{oid}\n" for oid in object_ids).encode()
+        done = await self.run(mirror, "rev-list", "--objects", "--no-object-names", "--stdin", "--not", "--all",
+                              input=asked)  # fmt: skip
+        return done.returncode == 0 and not done.stdout.strip()
+
     async def is_connected(self, mirror: Path) -> bool:
         """Every ref reaches only objects the mirror holds: a missing pack or a bad ref fails this."""
         done = await self.run(mirror, "fsck", "--connectivity-only", "--no-dangling", "--no-progress")
@@ -124,6 +142,12 @@ class MirrorGit:
 
     async def maintain(self, mirror: Path) -> Finished:
         return await self.run(mirror, "maintenance", "run", "--auto", "--quiet")
+
+    async def prune_unreachable(self, mirror: Path) -> Finished:
+        """Drop every object no ref reaches: one pack of what the refs reach (repack -a -d leaves unreachable
+        packed objects behind, unlike -A), then loose ones of any age."""
+        done = await self.run(mirror, "repack", "-a", "-d", "-q")
+        return done if done.returncode != 0 else await self.run(mirror, "prune", "--expire=now")
 
 
 def describe_failure(done: Finished) -> str:

@@ -19,6 +19,11 @@ log = logging.getLogger("git_token_proxy.mirror")
 # Touched whenever a mirror serves, so that least-recently-used survives a restart. Inside the bare repo, where
 # git never looks.
 LAST_USED_MARK = "git-token-proxy-last-used"
+# Present while the mirror holds only objects its refs reach: made so (a fresh fetch), kept so by fast-forwards, lost
+# when a refresh rewinds or deletes a ref, made so again by a prune. Then an object's presence says that upstream's
+# refs reached it at the last refresh; without the mark, only commits and tags are checked (a blob or tree want goes
+# upstream). A mirror made by an older version has no mark: unclean until pruned.
+CLEAN_MARK = "git-token-proxy-clean"
 # A lock file this old belongs to a git that died (ours, killed mid-fetch, or a crashed process): git holds its
 # ref and packed-refs locks for milliseconds. Younger ones may belong to another process sharing the directory.
 STALE_LOCK_SECONDS = 60.0
@@ -109,6 +114,16 @@ class MirrorStore:
 
     async def mark_used(self, slot: MirrorSlot) -> None:
         await asyncio.to_thread(_touch, slot.path / LAST_USED_MARK)
+
+    async def is_clean(self, slot: MirrorSlot) -> bool:
+        """True when the mirror is known to hold only objects its refs reach (see CLEAN_MARK)."""
+        return await asyncio.to_thread((slot.path / CLEAN_MARK).is_file)
+
+    async def mark_clean(self, path: Path) -> None:
+        await asyncio.to_thread(_touch, path / CLEAN_MARK)
+
+    async def mark_unclean(self, slot: MirrorSlot) -> None:
+        await asyncio.to_thread((slot.path / CLEAN_MARK).unlink, True)
 
     # ------------------------------------------------------------ changes (callers hold slot.lock)
 

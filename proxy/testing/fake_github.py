@@ -134,6 +134,15 @@ class FakeGitHub:
             run_git_sync("push", "--quiet", "origin", "HEAD", env=env, cwd=worktree).check()
             return run_git_sync("rev-parse", "HEAD", env=env, cwd=worktree).check().stdout.strip()
 
+    def purge(self, full_name: str, branch: str, to: str) -> None:
+        """A commit removed for good, as GitHub does on request: `branch` forced back to `to`, the reflog expired
+        and the repo gc'd, so that what only the old tip reached is gone (`not our ref` from now on)."""
+        env = git_env(self.root / "home")
+        repo = self.repo_path(full_name)
+        for args in (("update-ref", f"refs/heads/{branch}", to), ("reflog", "expire", "--expire=now", "--all"),
+                     ("gc", "--quiet", "--prune=now")):  # fmt: skip
+            run_git_sync(*args, env=env, cwd=repo).check()
+
     def head(self, full_name: str) -> str:
         """The commit id the repo's HEAD points at."""
         env = git_env(self.root / "home")

@@ -200,3 +200,25 @@ async def test_a_malformed_filter_does_not_send_the_mirror_to_fsck(
         await answer.read()
     await asyncio.sleep(1)
     assert not [r for r in caplog.records if "checking it (fsck)" in r.getMessage()]
+
+
+# Round 4, item 5: the mirror served a commit upstream had purged (force-pushed away, reflog expired, gc'd).
+@pytest.mark.parametrize("version", ["2", "0"])
+async def test_a_commit_upstream_purged_is_never_served_from_the_mirror(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path, version: str
+) -> None:
+    setup_repo(fake_github)
+    base = fake_github.head("acme/private")
+    secret = fake_github.commit("acme/private", "secret.txt", b"AKIA... pushed by mistake\n")
+    proxy = await start_proxy(mirror_config(fake_github, tmp_path / "m"))
+    url = f"{proxy}/github.com/acme/private"
+    await git("clone", "--quiet", url, "before")  # the mirror now holds the secret commit
+    fake_github.purge("acme/private", "main", base)
+
+    await git("init", "--quiet", "probe")
+    probe = git.workdir / "probe"
+    fetched = await git("-c", f"protocol.version={version}", "fetch", url, secret, cwd=probe, check=False)
+    assert fetched.returncode != 0, "the mirror served a commit upstream no longer has"
+    assert (await git("cat-file", "-e", secret, cwd=probe, check=False)).returncode != 0
+    await git("-c", f"protocol.version={version}", "clone", "--quiet", url, "after")  # and clones still work
+    assert (await git("rev-parse", "HEAD", cwd=git.workdir / "after")).stdout.strip() == base

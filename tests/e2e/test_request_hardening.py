@@ -195,6 +195,47 @@ async def test_an_allowed_host_with_a_port_allows_only_that_port(start_proxy: St
     assert status == 421 and trap.accepted == 0
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+async def test_ops_routes_on_the_git_port_refuse_a_rebound_name_and_browsers(
+    start_proxy: StartProxy, trap: TrapServer, path: str
+) -> None:
+    """A DNS-rebound page reads /metrics (entries, repos, client names) unless the git port's edge guards it too."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    status, _, body = await raw_request(proxy, path, headers={"Host": "rebind.attacker.example"})
+    assert status == 421 and b"server.allowedHosts" in body
+    status, _, _ = await raw_request(proxy, path, headers={"Origin": "http://127.0.0.1"})
+    assert status == 403
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3:8080", "10.1.2.3", "[fd00::5]:8080", "127.0.0.1", "localhost:8080"])
+async def test_probes_on_the_git_port_answer_a_pod_ip_as_host(
+    start_proxy: StartProxy, trap: TrapServer, host: str
+) -> None:
+    """kubelet probes (and Prometheus scrapes) name the pod's IP: an address is no rebinding, which needs a name."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    for path in ("/healthz", "/readyz", "/metrics"):
+        status, _, _ = await raw_request(proxy, path, headers={"Host": host})
+        assert status == 200, path
+    status, _, _ = await raw_request(proxy, INFO_REFS, headers={"Host": "10.1.2.3:8080"})  # git paths: as before
+    assert status == 421 and trap.accepted == 0
+
+
+async def test_metrics_on_the_git_port_need_a_client_token_when_access_control_is_on(
+    fake_github: FakeGitHub, private_repo: str, start_proxy: StartProxy
+) -> None:
+    config = static_config(fake_github.url)
+    config["access"] = {"clients": [{"name": "prometheus", "token": "scrape-token-000000001", "repos": ["none"]}]}
+    proxy = await start_proxy(config)
+    status, headers, _ = await raw_request(proxy, "/metrics")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    wrong = base64.b64encode(b"x:not-the-token").decode()
+    assert (await raw_request(proxy, "/metrics", headers={"Authorization": f"Basic {wrong}"}))[0] == 401
+    right = base64.b64encode(b"x:scrape-token-000000001").decode()
+    status, _, body = await raw_request(proxy, "/metrics", headers={"Authorization": f"Basic {right}"})
+    assert status == 200 and b"git_token_proxy_requests_total" in body
+    assert (await raw_request(proxy, "/healthz"))[0] == 200  # probes carry no token, and say nothing of the repos
+
+
 # ---------------------------------------------------------------- patterns
 
 
