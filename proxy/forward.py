@@ -60,6 +60,7 @@ from .lfs import (
     StorageRefused,
     read_batch_answer,
     rewrite_batch_answer,
+    storage_request_headers,
     storage_url,
 )
 from .logs import REQUEST_ID, sanitise_for_client
@@ -483,10 +484,25 @@ async def _answer_batch(
     for action, count in rewritten.rewritten.items():
         context.metrics.lfs_actions_rewritten.labels(action).inc(count)
     context.metrics.lfs_actions_passed.inc(rewritten.passed)
+    _note_dropped_headers(route, rewritten.dropped, context.lfs, context.metrics)
     headers = CIMultiDict((k, v) for k, v in opened.headers.items() if k.lower() not in _NOT_RETURNED_WITH_BATCH)
     headers["X-Request-Id"] = exchange.request_id
     exchange.status, exchange.bytes_out = upstream.status, len(rewritten.body)
     return web.Response(status=upstream.status, body=rewritten.body, headers=headers)
+
+
+def _note_dropped_headers(route: Route, names: list[str], policy: LfsPolicy, metrics: Metrics) -> None:
+    """Counted every time, logged once per name and config (a bounded set: a hostile answer invents names)."""
+    if not names:
+        return
+    metrics.lfs_action_headers_dropped.inc(len(names))
+    logged = policy.dropped_headers_logged
+    for name in {name.lower() for name in names} - logged:
+        if len(logged) >= 64:
+            return
+        logged.add(name)
+        log.info("LFS batch answer from %s: action header %r is not sent to storage (not in the allowlist)",
+                 route.upstream.host, sanitise_for_client(name, 60))  # fmt: skip
 
 
 async def forward_lfs_object(request: web.Request) -> web.StreamResponse:
@@ -592,14 +608,11 @@ async def _send_to_storage(
     request: web.Request, context: ForwardContext, exchange: _Exchange, action: StorageAction,
     storage: StorageHostConfig, body: bytes | None,
 ) -> aiohttp.ClientResponse:  # fmt: skip
-    """Only the action's own headers (the storage credential) and the body's type go to storage: never a token
-    of ours, nor anything else of the client's."""
-    headers = CIMultiDict(action.headers)
-    if action.method != "GET" and "Content-Type" not in headers and "Content-Type" in request.headers:
-        headers["Content-Type"] = request.headers["Content-Type"]
+    """The request to storage is built by `storage_request_headers`: never a token of ours, nor anything else of
+    the client's than its upload's type, nor any framing from the batch answer."""
     data, length = _request_body(request, exchange, body)
-    if length is not None:
-        headers["Content-Length"] = str(length)
+    content_type = request.headers.get("Content-Type") if action.method != "GET" else None
+    headers = storage_request_headers(action, content_type, length)
     try:
         return await context.session.request(
             action.method, storage_url(action, storage), headers=headers, data=data,

@@ -128,6 +128,11 @@ class Metrics:
             "git_token_proxy_lfs_actions_passed", "Batch-answer actions on hosts that are not storage hosts, passed on",
             registry=r,
         )  # fmt: skip
+        self.lfs_action_headers_dropped = Counter(
+            "git_token_proxy_lfs_action_headers_dropped",
+            "Headers of batch-answer actions not sent to storage (framing, hop-by-hop, or not in the allowlist)",
+            registry=r,
+        )
         self.lfs_digest_mismatches = Counter(
             "git_token_proxy_lfs_digest_mismatches", "LFS downloads aborted because the bytes did not match the oid",
             registry=r,

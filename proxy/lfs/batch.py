@@ -6,7 +6,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -17,6 +17,7 @@ from ..config import LfsConfig, StorageHostConfig
 from ..errors import UpstreamBadResponse
 from ..routing import Route
 from .handles import MAX_TTL, HandleStore, StorageAction
+from .objects import storage_header_allowed
 
 # A batch answer lists hrefs for at most a few hundred objects; after decompression it stays far below this.
 BATCH_ANSWER_LIMIT = 1024 * 1024
@@ -29,6 +30,7 @@ class LfsPolicy:
     """lfs.proxyObjects on: the storage hosts, by the host[:port] that hrefs name."""
 
     storage_hosts: Mapping[str, StorageHostConfig]
+    dropped_headers_logged: set[str] = field(default_factory=set, compare=False)  # see forward._note_dropped_headers
 
     @classmethod
     def from_config(cls, config: LfsConfig) -> LfsPolicy | None:
@@ -55,6 +57,7 @@ class Rewritten:
     body: bytes
     rewritten: dict[str, int]  # by action
     passed: int  # actions on other hosts, passed on untouched
+    dropped: list[str] = field(default_factory=list)  # names of action headers storage is not sent
 
 
 async def read_batch_answer(upstream: aiohttp.ClientResponse) -> bytes:
@@ -103,7 +106,7 @@ def rewrite_batch_answer(
                 result.passed += 1
                 continue
             assert isinstance(action, dict)
-            handle = handles.issue(_storage_action(name, action, item, storage, route, client))
+            handle = handles.issue(_storage_action(name, action, item, storage, route, client, result.dropped))
             action["href"] = f"{proxy_base}/_lfs/{handle}"
             action.pop("header", None)
             result.rewritten[name] = result.rewritten.get(name, 0) + 1
@@ -125,11 +128,20 @@ _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
 
 def _storage_action(
     name: str, action: dict[str, object], item: dict[str, object], storage: StorageHostConfig, route: Route,
-    client: str | None,
+    client: str | None, dropped: list[str],
 ) -> StorageAction:  # fmt: skip
     oid, size = item.get("oid"), item.get("size")
     if not isinstance(oid, str) or not _OID.fullmatch(oid) or type(size) is not int or size < 0:
         raise UpstreamBadResponse("LFS batch answer: an object without a SHA-256 oid and a size")
+    return StorageAction(
+        name, _METHODS[name], str(action["href"]), _storage_headers(action, dropped), storage.host, oid, size, route,
+        client, time.monotonic() + _ttl(action),
+    )  # fmt: skip
+
+
+def _storage_headers(action: dict[str, object], dropped: list[str]) -> tuple[tuple[str, str], ...]:
+    """The action's headers that may reach storage (lfs.objects.STORAGE_HEADERS); the names of the others go to
+    `dropped`. A header named twice (in any case) is no single instruction, and is refused with the answer."""
     header = action.get("header") or {}
     if not isinstance(header, dict) or not all(isinstance(v, str) for v in header.values()):
         raise UpstreamBadResponse("LFS batch answer: an action header that is not a map of strings")
@@ -137,10 +149,11 @@ def _storage_action(
         raise UpstreamBadResponse("LFS batch answer: an action header with characters no header may hold")
     if len(str(action["href"])) > MAX_HREF or sum(len(str(k)) + len(v) for k, v in header.items()) > MAX_HEADERS:
         raise UpstreamBadResponse("LFS batch answer: an action href or header too long to keep")
-    return StorageAction(
-        name, _METHODS[name], str(action["href"]), tuple((str(k), v) for k, v in header.items()), storage.host, oid,
-        size, route, client, time.monotonic() + _ttl(action),
-    )  # fmt: skip
+    if len({str(name).lower() for name in header}) != len(header):
+        raise UpstreamBadResponse("LFS batch answer: an action header named twice")
+    kept = tuple((str(name), value) for name, value in header.items() if storage_header_allowed(str(name)))
+    dropped.extend(str(name) for name in header if not storage_header_allowed(str(name)))
+    return kept
 
 
 def _ttl(action: Mapping[str, object]) -> float:

@@ -28,6 +28,7 @@ class FakeLfs:
     expires_in: int = 3600
     expires_at: str | None = None  # given: put in every action (an RFC 3339 time)
     corrupt: set[str] = field(default_factory=set)  # oids served with one byte flipped
+    action_headers: dict[str, str] = field(default_factory=dict)  # added to every action's `header` (a hostile API)
     storage_url: str = ""
     remote_auth: str = field(default_factory=lambda: "remote-" + secrets.token_urlsafe(24))
     storage_requests: list[tuple[str, str]] = field(default_factory=list)  # (method, oid) that reached storage
@@ -84,9 +85,8 @@ class FakeLfs:
         expires = int(time.time()) + self.expires_in
         signature = self._sign(method, path, expires)
         href = f"{self.href_scheme}://{self.href_host}{path}?X-Expires={expires}&X-Signature={signature}"
-        action: dict[str, object] = {
-            "href": href, "header": {"Authorization": f"RemoteAuth {self.remote_auth}"}, "expires_in": self.expires_in,
-        }  # fmt: skip
+        header = {"Authorization": f"RemoteAuth {self.remote_auth}", **self.action_headers}
+        action: dict[str, object] = {"href": href, "header": header, "expires_in": self.expires_in}
         if self.expires_at is not None:
             action["expires_at"] = self.expires_at
         return action

@@ -3,7 +3,11 @@ failed before its fix)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -141,3 +145,149 @@ async def test_F5_storage_credential_never_reaches_the_client(
     status, _answer, text = await batch(proxy, "download", oid, 4)
     assert status == 200
     assert lfs.remote_auth not in text, "storage credential handed to the client"
+
+
+# ---------------------------------------------------------------- round 4, item 2: framing headers from an answer
+class RecordingStorage:
+    """A raw storage host that keeps every request head and body as they arrived, framing bodies by Content-Length
+    only, and keeps connections open: a smuggled request, or a body longer than its Content-Length, shows up as a
+    request of its own or as bytes left over."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.content_type: str | None = None
+        self.requests: list[tuple[list[str], bytes]] = []  # (lower-cased head lines, body)
+        self.leftover = b""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffered = b""
+        with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    chunk = await asyncio.wait_for(reader.read(65536), 1.0)
+                    if not chunk:
+                        raise ConnectionError
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                lines = [line.lower() for line in head.decode("latin-1").split("\r\n")]
+                length = next((int(line.split(":", 1)[1]) for line in lines if line.startswith("content-length:")), 0)
+                while len(buffered) < length:
+                    buffered += await asyncio.wait_for(reader.read(65536), 1.0)
+                self.requests.append((lines, buffered[:length]))
+                buffered = buffered[length:]
+                body = self.body if lines[0].startswith("get ") else b""
+                typed = f"Content-Type: {self.content_type}\r\n".encode() if self.content_type else b""
+                writer.write(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (typed, len(body), body))
+        self.leftover += buffered
+        writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+HOSTILE_ACTION_HEADERS = {
+    "Transfer-Encoding": "chunked", "Content-Length": "5", "Host": "evil.example", "Connection": "Upgrade",
+    "Upgrade": "h2c", "Expect": "100-continue", "TE": "trailers", "Trailer": "X-Amz-Date", "Keep-Alive": "300",
+    "Proxy-Authorization": "Basic eDp5", "X-Evil": "1",
+    "X-Amz-Date": "20261202T000000Z", "x-ms-blob-type": "BlockBlob",  # signed headers storage needs: kept
+}  # fmt: skip
+
+
+async def test_framing_headers_in_a_batch_answer_never_reach_the_storage_host(
+    fake_github: FakeGitHub, lfs: FakeLfs, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hostile batch API tries to smuggle a second request onto the storage host (Transfer-Encoding beside the
+    proxy's Content-Length, Host, Connection: Upgrade...). The storage host receives one request per exchange,
+    framed by the proxy alone, with the action's credential and signed headers and nothing else."""
+    caplog.set_level(logging.INFO)
+    data = os.urandom(3000)
+    oid = lfs.add_object(data)  # for the download; the upload goes to the recording host under another oid
+    upload_data = os.urandom(2000)
+    upload_oid = hashlib.sha256(upload_data).hexdigest()
+    storage = RecordingStorage(data)
+    storage_url = await storage.start()
+    lfs.action_headers = dict(HOSTILE_ACTION_HEADERS)
+    config = lfs_config(fake_github, lfs)
+    config["lfs"]["storageHosts"][0]["url"] = storage_url
+    proxy = await start_proxy(config)
+    try:
+        status, answer, _ = await batch(proxy, "upload", upload_oid, len(upload_data))
+        assert status == 200 and "header" not in answer["objects"][0]["actions"]["upload"]
+        async with aiohttp.ClientSession() as session:
+            async with session.put(href_of(answer, "upload"), data=upload_data) as put:
+                assert put.status == 200
+            status, answer, _ = await batch(proxy, "download", oid, len(data))
+            async with session.get(href_of(answer)) as got:
+                assert got.status == 200 and await got.read() == data
+        await asyncio.sleep(1.2)  # the recorder keeps each connection open: anything smuggled would arrive
+    finally:
+        await storage.close()
+    heads = storage.requests
+    assert [lines[0].split(" ")[0] for lines, _ in heads] == ["put", "get"]
+    assert storage.leftover == b"", "bytes past the last request: a smuggled request in the making"
+    host = storage_url.removeprefix("http://")
+    for (lines, rest), expected in zip(heads, (upload_data, b""), strict=True):
+        names = [line.split(":", 1)[0] for line in lines[1:]]
+        assert len(names) == len(set(names)), f"a header twice: {names}"
+        for framing in ("transfer-encoding", "connection", "upgrade", "expect", "te", "trailer", "keep-alive",
+                        "proxy-authorization", "x-evil"):  # fmt: skip
+            assert framing not in names
+        assert f"host: {host}" in lines
+        assert f"authorization: remoteauth {lfs.remote_auth.lower()}" in lines
+        assert "x-amz-date: 20261202t000000z" in lines and "x-ms-blob-type: blockblob" in lines
+        assert rest == expected
+    assert f"content-length: {len(upload_data)}" in heads[0][0]
+    assert "content-length: 5" not in heads[0][0] + heads[1][0]
+    samples = await scrape_dropped(proxy)
+    # Three actions (upload, verify, download), each losing every hostile header but the two signed ones.
+    assert samples == 3 * (len(HOSTILE_ACTION_HEADERS) - 2)
+    assert any("'transfer-encoding' is not sent to storage" in r.getMessage() for r in caplog.records)
+
+
+async def scrape_dropped(proxy: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy}/metrics") as response:
+        text = await response.text()
+    [line] = [line for line in text.splitlines() if line.startswith("git_token_proxy_lfs_action_headers_dropped_total")]
+    return float(line.split()[-1])
+
+
+async def test_an_action_header_named_twice_is_refused(
+    fake_github: FakeGitHub, lfs: FakeLfs, start_proxy: StartProxy
+) -> None:
+    oid = lfs.add_object(b"twice\n")
+    lfs.action_headers = {"authorization": "RemoteAuth another"}  # besides the fake's own Authorization
+    proxy = await start_proxy(lfs_config(fake_github, lfs))
+    status, _, text = await batch(proxy, "download", oid, 6)
+    assert status == 502 and "an action header named twice" in text
+
+
+async def test_a_storage_content_type_with_a_control_character_is_a_502_not_a_500(
+    fake_github: FakeGitHub, lfs: FakeLfs, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 4, item 9: the git path checked upstream's headers for control characters, the LFS object path did
+    not, and aiohttp then refused to write the header: a 500 with a traceback."""
+    data = b"typed\n"
+    oid = lfs.add_object(data)
+    storage = RecordingStorage(data)
+    storage_url = await storage.start()
+    config = lfs_config(fake_github, lfs)
+    config["lfs"]["storageHosts"][0]["url"] = storage_url
+    lfs.action_headers = {}
+    proxy = await start_proxy(config)
+    try:
+        for bad in ("\x01", "\x7f"):
+            storage.body = data
+            storage.content_type = f"application/octet-stream{bad}"
+            _, answer, _ = await batch(proxy, "download", oid, len(data))
+            async with aiohttp.ClientSession() as session, session.get(href_of(answer)) as got:
+                assert got.status == 502 and "control character" in await got.text()
+    finally:
+        await storage.close()
+    assert "Traceback" not in caplog.text
