@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
+from .bodies import read_whole_body
 from .config import AccessClient, AuthEntry
-from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused, RequestBodyRefused
+from .errors import AuthenticationRequired, ClientForbidden, ReadOnlyRefused
 from .routing import LFS_BATCH, LinearPattern, Route, Service, compile_repo_pattern
 
 LFS_BATCH_LIMIT = 1024 * 1024  # a batch request lists object ids and sizes; a megabyte is thousands of objects
@@ -83,30 +80,6 @@ def _lfs_operation(body: bytes) -> str | None:
     return operation if isinstance(operation, str) else None
 
 
-async def read_whole_body(request: web.Request, limit: int, within: float) -> bytes:
-    """The whole body or a refusal. `content.read(n)` returns what has arrived so far, which is not the body: a
-    check made on part of it, forwarded under the client's Content-Length, would leave upstream waiting for the
-    rest, and the next request on that connection would be read as that rest (request smuggling). A slow body
-    is cut off too: the decision must be made on what the client sent now, not 20 s later after a reload."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise RequestBodyRefused(f"request body of {declared} bytes is over the {limit}-byte limit for this endpoint")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(within):
-            while chunk := await request.content.readany():  # b"" only once the body has ended
-                body += chunk
-                if len(body) > limit:
-                    raise RequestBodyRefused(f"request body is over the {limit}-byte limit for this endpoint")
-    except TimeoutError:
-        raise RequestBodyRefused(f"request body did not arrive within {within:.0f} s") from None
-    except (OSError, aiohttp.ClientError, HttpProcessingError):
-        raise RequestBodyRefused("request body did not arrive whole (the connection broke)") from None
-    if declared is not None and len(body) != declared:
-        raise RequestBodyRefused(f"request body has {len(body)} bytes, not the {declared} its Content-Length says")
-    return bytes(body)
-
-
 class AccessControl:
     """Built once per config. Without clients, everyone may pass; with clients, nothing passes without a token."""
 
@@ -161,20 +134,3 @@ def _basic_password(authorization: str | None) -> str | None:
     except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text, which b64decode refuses
         return None
     return password if colon and password else None
-
-
-def inflate_bounded(raw: bytes, encoding: str | None, limit: int) -> bytes | None:
-    """A body the proxy must read (a pack request for the mirror, an LFS batch answer) as it was before its
-    Content-Encoding, never more than `limit` bytes of it: a few KiB of gzip can inflate to gigabytes. None: an
-    encoding the proxy does not read, a corrupt stream, or more than `limit`."""
-    encoding = (encoding or "").strip().lower()
-    if encoding in ("", "identity"):
-        return raw if len(raw) <= limit else None
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        return None
-    inflater = zlib.decompressobj(wbits=15 if encoding == "deflate" else 31)
-    try:
-        body = inflater.decompress(raw, limit)
-    except zlib.error:
-        return None
-    return None if inflater.unconsumed_tail or not inflater.eof else body

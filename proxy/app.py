@@ -19,7 +19,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
 from .access import AccessControl
-from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry
+from .bodies import HeldBytes
+from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry, ServerConfig
 from .credentials import CredentialSource
 from .credentials.cache import TokenCache
 from .credentials.keys import AppKey, load_app_key
@@ -188,8 +189,16 @@ def build_context(
         # An inspected body (an LFS batch) is part of the request: it gets the same budget as the headers.
         body_timeout=config.server.header_timeout,
         mirror=mirror.mirror if mirror else None, proof=mirror.proof if mirror else None,
+        held_bodies=mirror.held_bodies if mirror else None,
         lfs=LfsPolicy.from_config(config.lfs),
     )  # fmt: skip
+
+
+def body_slots(server: ServerConfig) -> int:
+    """Of maxUpstreamConnections, what requests with a body still arriving may hold: a quarter (at least one
+    connection) is kept for the others."""
+    pool = server.max_upstream_connections
+    return max(1, pool - max(1, pool // 4))
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext:
@@ -231,6 +240,7 @@ class MirrorService:
 
     mirror: Mirror
     proof: AuthProof
+    held_bodies: HeldBytes  # what pack requests may hold in memory together while the mirror decides
 
 
 def build_mirror(config: Config, metrics: Metrics) -> MirrorService | None:
@@ -239,7 +249,10 @@ def build_mirror(config: Config, metrics: Metrics) -> MirrorService | None:
     from .mirror import Mirror
     from .mirror.proof import AuthProof
 
-    return MirrorService(Mirror(config.mirror, config.tls.ca_file, metrics), AuthProof(config.mirror.auth_ttl))
+    return MirrorService(
+        Mirror(config.mirror, config.tls.ca_file, metrics), AuthProof(config.mirror.auth_ttl),
+        HeldBytes(config.mirror.max_held_bodies),
+    )  # fmt: skip
 
 
 def _stores_of(shared: SharedTier | None) -> StoreFactory:
@@ -455,8 +468,9 @@ async def create_app(config: Config) -> web.Application:
         if shared is not None:
             await shared.store.close()
         raise
-    transfers = TransferWatch(config.server.write_timeout, metrics)
-    proxy = Proxy(config, LiveContext(context, transfers), session, api_session, tokens, metrics, shared, mirror)
+    transfers = TransferWatch(config.server.write_timeout, metrics, config.server.min_body_rate)
+    live = LiveContext(context, transfers, body_slots=asyncio.Semaphore(body_slots(config.server)))
+    proxy = Proxy(config, live, session, api_session, tokens, metrics, shared, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live

@@ -127,6 +127,10 @@ class ServerConfig(_Model):
     # A client that reads nothing of its response for this long has its transfer aborted on both sides, so that a
     # stuck client cannot hold an upstream connection for ever.
     write_timeout: PositiveDuration = 300.0
+    # A request body still arriving must average at least this many bytes a second over each 30 s (or writeTimeout,
+    # if shorter): a client dripping a byte now and then is never quiet for writeTimeout, but would hold an upstream
+    # connection for as long as it likes. 0: no floor.
+    min_body_rate: Annotated[int, BeforeValidator(parse_size), Field(ge=0)] = 1024
 
     def refuse_unsafe_bind(self, host: str, has_clients: bool) -> None:
         if has_clients or self.allow_unauthenticated or is_loopback(host):
@@ -545,6 +549,9 @@ class MirrorConfig(_Model):
     # A pack is served from the mirror only while an upstream answer less than this old proves that the credential
     # can read the repo (and no refusal came since); otherwise upstream is asked first.
     auth_ttl: PositiveDuration = 60.0
+    # Pack requests are read whole so that the mirror can answer them; all of them together hold at most this much.
+    # One that does not fit (or is over 16 MiB, or slow) goes upstream as it comes, as it would without a mirror.
+    max_held_bodies: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 64 * (1 << 20)
 
 
 class CacheConfig(_Model):

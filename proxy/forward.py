@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -17,7 +19,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, Client, enforce_read_only, inflate_bounded, read_only_party, read_whole_body
+from .access import AccessControl, Client, enforce_read_only, read_only_party
+from .bodies import HeldBytes, Peeked, inflate_bounded, peek_body, read_whole_body
 from .coalesce import pause_after_small_read
 from .config import StorageHostConfig
 from .credentials import Credential, CredentialSource
@@ -143,6 +146,7 @@ class ForwardContext:
     mirror: Mirror | None = None  # mirror.dir: pack requests may be answered from a local mirror
     proof: AuthProof | None = None  # with a mirror: upstream's recent word that a credential may read a repo
     lfs: LfsPolicy | None = None  # lfs.proxyObjects: LFS objects go through the proxy, under handles
+    held_bodies: HeldBytes | None = None  # with a mirror: what all pack requests together may hold in memory
 
 
 @dataclass
@@ -152,6 +156,9 @@ class LiveContext:
     current: ForwardContext
     transfers: TransferWatch
     lfs_handles: HandleStore = field(default_factory=HandleStore)  # outlive reloads, like the transfers they name
+    # Upstream connections that requests with a body still arriving may hold at once: the rest of the pool stays
+    # for everyone else (an info/refs, a body already here), so that slow pushes cannot starve every clone.
+    body_slots: asyncio.Semaphore | None = None
 
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
@@ -195,6 +202,10 @@ class _Watched:
     streams_body: bool  # the client sends a body that the proxy streams (rather than one already read)
     seen: tuple[int, int] = (-1, -1)  # bytes in, bytes out at the last sweep
     progress_at: float = field(default_factory=time.monotonic)
+    window: tuple[float, int] = (-1.0, 0)  # (since, bytes in then): the body rate is judged over this window
+
+
+BODY_RATE_WINDOW = 30.0
 
 
 class TransferWatch:
@@ -203,10 +214,17 @@ class TransferWatch:
     pool) for ever. Nothing is done per chunk but the byte counts the audit line needs anyway: a periodic sweep
     compares them, so a fast clone pays no timer."""
 
-    def __init__(self, write_timeout: float, metrics: Metrics) -> None:
+    def __init__(self, write_timeout: float, metrics: Metrics, min_body_rate: float = 0.0) -> None:
         self.write_timeout = write_timeout
+        self.min_body_rate = min_body_rate  # bytes/s a request body must average while it arrives (0: no floor)
         self._metrics = metrics
         self._active: dict[_Exchange, _Watched] = {}
+
+    @property
+    def rate_window(self) -> float:
+        """The span a body's rate is judged over: long enough for a pause, short enough that a client dripping a
+        byte now and then (never quiet for writeTimeout) lets go of its upstream connection within it."""
+        return min(BODY_RATE_WINDOW, self.write_timeout)
 
     @property
     def sweep_interval(self) -> float:
@@ -230,10 +248,27 @@ class TransferWatch:
         for watched in list(self._active.values()):
             exchange = watched.exchange
             counts = (exchange.bytes_in, exchange.bytes_out)
-            if counts != watched.seen or not self._client_holds_it_up(watched):
+            if self._body_too_slow(watched, now):
+                self._cut(watched, f"the request body arrived slower than {self.min_body_rate:.0f} bytes/s over "
+                                   f"{self.rate_window:.0f} s (server.minBodyRate)")  # fmt: skip
+            elif counts != watched.seen or not self._client_holds_it_up(watched):
                 watched.seen, watched.progress_at = counts, now
             elif now - watched.progress_at >= self.write_timeout:
-                self._cut(watched)
+                self._cut(watched, f"the client went quiet for {self.write_timeout:.0f} s (server.writeTimeout)")
+
+    def _body_too_slow(self, watched: _Watched, now: float) -> bool:
+        """Judged window by window while the body still arrives; a body that has arrived is not judged."""
+        exchange = watched.exchange
+        if not (self.min_body_rate and watched.streams_body) or exchange.request_sent or exchange.answering:
+            return False
+        since, bytes_then = watched.window
+        if since < 0:
+            watched.window = (now, exchange.bytes_in)
+            return False
+        if now - since < self.rate_window:
+            return False
+        watched.window = (now, exchange.bytes_in)
+        return (exchange.bytes_in - bytes_then) / (now - since) < self.min_body_rate
 
     @staticmethod
     def _client_holds_it_up(watched: _Watched) -> bool:
@@ -243,10 +278,10 @@ class TransferWatch:
             return watched.transport.get_write_buffer_size() > 0
         return watched.streams_body and not watched.exchange.request_sent
 
-    def _cut(self, watched: _Watched) -> None:
+    def _cut(self, watched: _Watched, why: str) -> None:
         exchange = watched.exchange
         self.remove(exchange)
-        exchange.aborted = f"the client went quiet for {self.write_timeout:.0f} s (server.writeTimeout)"
+        exchange.aborted = why
         log.warning(
             "request %s: aborting the transfer after %d bytes in, %d out: %s",
             exchange.request_id, exchange.bytes_in, exchange.bytes_out, exchange.aborted,
@@ -258,7 +293,7 @@ class TransferWatch:
 
 async def forward_request(request: web.Request) -> web.StreamResponse:
     async def serve(context: ForwardContext, live: LiveContext, exchange: _Exchange) -> web.StreamResponse:
-        return await _forward(request, context, live.transfers, exchange, live.lfs_handles)
+        return await _forward(request, context, live, exchange)
 
     return await _at_the_edge(request, serve)
 
@@ -296,9 +331,8 @@ def _request_id(request: web.Request) -> str:
 
 
 async def _forward(
-    request: web.Request, context: ForwardContext, transfers: TransferWatch, exchange: _Exchange,
-    handles: HandleStore,
-) -> web.StreamResponse:  # fmt: skip
+    request: web.Request, context: ForwardContext, live: LiveContext, exchange: _Exchange
+) -> web.StreamResponse:
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
         refuse_browsers(request.headers)
@@ -312,18 +346,39 @@ async def _forward(
         body = await enforce_read_only(request, route, client, context.body_timeout)
     except ProxyError as error:
         return _refuse(error, exchange)
+    streams_body = request.body_exists and body is None
+    # The slot first: waiting for one is the proxy's doing, and no client is judged for it.
+    async with _body_slot(live, request, streams_body):
+        with _watched(live, request, exchange, streams_body):
+            return await _exchange_with_upstream(request, route, context, exchange, body, live.lfs_handles)
+
+
+@contextlib.contextmanager
+def _watched(live: LiveContext, request: web.Request, exchange: _Exchange, streams_body: bool) -> Iterator[None]:
     if request.transport is not None:
-        transfers.add(exchange, request.transport, streams_body=request.body_exists and body is None)
+        live.transfers.add(exchange, request.transport, streams_body=streams_body)
     try:
-        return await _exchange_with_upstream(request, route, context, exchange, body, handles)
+        yield
     finally:
-        transfers.remove(exchange)
+        live.transfers.remove(exchange)
+
+
+@contextlib.asynccontextmanager
+async def _body_slot(live: LiveContext, request: web.Request, streams_body: bool) -> AsyncIterator[None]:
+    """A request whose body is still arriving takes one of the body slots for its exchange. A body that has
+    all arrived already (every small POST: ls-refs, a fetch's wants) needs none."""
+    if live.body_slots is None or not streams_body or request.content.is_eof():
+        yield
+        return
+    async with live.body_slots:
+        yield
 
 
 async def _exchange_with_upstream(
-    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None,
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | Peeked | None,
     handles: HandleStore,
 ) -> web.StreamResponse:  # fmt: skip
+    peeked: Peeked | None = None
     try:
         if (
             context.mirror is not None
@@ -331,14 +386,19 @@ async def _exchange_with_upstream(
             and (request.content_length or 0) <= MIRROR_BODY_LIMIT
             and context.mirror.covers(route.matched)
         ):
-            served = await _serve_from_mirror(request, route, context, exchange)
-            if isinstance(served, web.StreamResponse):
+            assert context.held_bodies is not None
+            peeked = await peek_body(request, MIRROR_BODY_LIMIT, context.body_timeout, context.held_bodies)
+            served = await _serve_from_mirror(request, route, context, exchange, peeked)
+            if served is not None:
                 return served
-            body = served  # bypass: the body was read whole, and goes upstream exactly as it came
+            body = peeked  # bypass: exactly the bytes the client sent, the rest following as it comes
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         _note_for_mirror(context, route, error)
         return _refuse(error, exchange)
+    finally:
+        if peeked is not None:
+            peeked.release()  # the budget counts a held body until its exchange is over, which is on the safe side
     _note_for_mirror(context, route, opened.upstream.status)
     if route.endpoint is LFS_BATCH and context.lfs is not None and opened.upstream.status == 200:
         return await _answer_batch(request, route, context, exchange, opened, handles)
@@ -364,20 +424,25 @@ MIRROR_BODY_LIMIT = 16 * 1024 * 1024
 
 
 async def _serve_from_mirror(
-    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange
-) -> web.StreamResponse | bytes:
-    """A pack from the mirror, or the request's raw body to send upstream instead (a bypass). Refs and the right
-    to read come from upstream every time: this runs only for the pack request, after access control, and only
-    while upstream's recent answer proves that the credential can read the repo."""
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, peeked: Peeked
+) -> web.StreamResponse | None:
+    """A pack from the mirror, or None: the request goes upstream instead (a bypass). Refs and the right to read
+    come from upstream every time: this runs only for the pack request, after access control, and only while
+    upstream's recent answer proves that the credential can read the repo. A body the proxy could not hold
+    whole (too long, too slow, or past what all requests together may hold) is a bypass too."""
     from .mirror import is_pack_request  # loaded already: context.mirror exists
 
     assert context.mirror is not None
-    raw = await read_whole_body(request, MIRROR_BODY_LIMIT, context.body_timeout)
+    if not peeked.whole:
+        exchange.mirror = "bypass"
+        context.metrics.mirror_requests.labels("bypass").inc()
+        return None
+    raw = peeked.head
     exchange.request_sent = True  # the client owes nothing more: a long fill is not a client gone quiet
     # git gzips requests over 1 KiB; upload-pack reads them inflated.
     body = inflate_bounded(raw, request.headers.get("Content-Encoding"), MIRROR_BODY_LIMIT)
     if body is not None and not await asyncio.to_thread(is_pack_request, body):
-        return raw  # ls-refs: the refs are upstream's, at this moment, like info/refs
+        return None  # ls-refs: the refs are upstream's, at this moment, like info/refs
     exchange.mirror = "bypass"
     source = context.sources[route.entry.id] if route.entry else None
     credential = exchange.credential = await _credential(source, route, context.metrics)
@@ -388,7 +453,7 @@ async def _serve_from_mirror(
         )
     context.metrics.mirror_requests.labels(answer.outcome if answer else "bypass").inc()
     if answer is None:
-        return raw
+        return None
     exchange.mirror, exchange.request_sent, exchange.bytes_in = answer.outcome, True, len(raw)
     return await _stream_mirror_answer(request, answer, exchange, context.metrics)
 
@@ -409,12 +474,27 @@ async def _read_proven(route: Route, credential: Credential | None, context: For
             timeout=aiohttp.ClientTimeout(sock_connect=route.upstream.connect_timeout,
                                           sock_read=route.upstream.read_timeout),
         ) as answer:  # fmt: skip
-            await answer.read()
             status = answer.status
+            await _drain_or_close(answer, PROOF_READ_LIMIT)
     except (aiohttp.ClientError, TimeoutError):
         return False  # no word from upstream: the request goes there, and gets upstream's own answer
     context.proof.note(entry_id, route.matched, status)
     return context.proof.holds(entry_id, route.matched)
+
+
+# Only the status of the probe matters. A v2 ref advertisement is its capabilities, a few hundred bytes; an answer
+# that goes on past this is not read into memory (a hostile 400 MiB one once took RSS from 75 to 898 MiB).
+PROOF_READ_LIMIT = 64 * 1024
+
+
+async def _drain_or_close(answer: aiohttp.ClientResponse, limit: int) -> None:
+    """Read a small answer to its end, so that its connection goes back to the pool; close a larger one."""
+    read = 0
+    async for chunk in answer.content.iter_any():
+        read += len(chunk)
+        if read > limit:
+            answer.close()
+            return
 
 
 def _note_for_mirror(context: ForwardContext, route: Route, outcome: int | ProxyError) -> None:
@@ -538,12 +618,10 @@ async def _serve_lfs_object(
         body = await _lfs_request_body(request, action, context.body_timeout)
     except ProxyError as error:
         return _refuse(error, exchange)
-    if request.transport is not None:
-        live.transfers.add(exchange, request.transport, streams_body=action.method == "PUT")
-    try:
-        return await _exchange_with_storage(request, context, exchange, action, storage, body)
-    finally:
-        live.transfers.remove(exchange)
+    uploads = action.method == "PUT"
+    async with _body_slot(live, request, uploads):
+        with _watched(live, request, exchange, uploads):
+            return await _exchange_with_storage(request, context, exchange, action, storage, body)
 
 
 def _refuse_lfs_write(client: Client | None, action: StorageAction, router: Router) -> None:
@@ -694,7 +772,7 @@ class _Opened:
 
 
 async def _open_upstream(
-    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | None
+    request: web.Request, route: Route, context: ForwardContext, exchange: _Exchange, body: bytes | Peeked | None
 ) -> _Opened:
     """Send the request upstream; a dead token on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
@@ -864,7 +942,7 @@ async def _send(
     credential: Credential | None,
     context: ForwardContext,
     exchange: _Exchange,
-    body: bytes | None,
+    body: bytes | Peeked | None,
 ) -> aiohttp.ClientResponse:
     timeout = aiohttp.ClientTimeout(
         total=None,  # a clone of a large repo may take an hour; only silence is an error
@@ -893,29 +971,44 @@ async def _send(
         raise UpstreamUnreachable(f"request to {route.upstream.host} failed: {type(error).__name__}") from None
 
 
+_ONE_WRITE = 1 << 20  # aiohttp's own threshold (payload.TOO_LARGE_BYTES_BODY)
+
+
 def _request_body(
-    request: web.Request, exchange: _Exchange, inspected: bytes | None
-) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    request: web.Request, exchange: _Exchange, inspected: bytes | Peeked | None
+) -> tuple[bytes | io.BytesIO | AsyncIterator[bytes] | None, int | None]:
     """The body to send and the Content-Length to declare (None: none, or chunked).
 
     - A body the proxy read whole goes out with the length of exactly those bytes.
     - A streamed body keeps its framing: with the client's Content-Length, which aiohttp's parser framed the
       body by, and which `_streamed` checks against the bytes that really came (a shortfall aborts the upstream
-      connection rather than leave it waiting for the rest); or chunked, as the client sent it.
+      connection rather than leave it waiting for the rest); or chunked, as the client sent it. A body the proxy
+      began to read (a Peeked head) is streamed the same way: the head first, then the rest as it comes.
     The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all."""
-    if inspected is not None:
+    if isinstance(inspected, Peeked) and inspected.whole:
+        inspected = inspected.head
+    if isinstance(inspected, bytes):
         exchange.bytes_in += len(inspected)
         exchange.request_sent = True
-        return inspected, len(inspected)
+        # aiohttp writes a large bytes body in one go, blocking the loop meanwhile; from a BytesIO, in chunks.
+        data: bytes | io.BytesIO = io.BytesIO(inspected) if len(inspected) > _ONE_WRITE else inspected
+        return data, len(inspected)
     if not request.body_exists:
         exchange.request_sent = True
         return None, None
-    return _streamed(request.content, exchange, request.content_length), request.content_length
+    head = inspected.head if inspected is not None else b""
+    return _streamed(request.content, exchange, request.content_length, head), request.content_length
 
 
-async def _streamed(content: aiohttp.StreamReader, exchange: _Exchange, declared: int | None) -> AsyncIterator[bytes]:
+async def _streamed(
+    content: aiohttp.StreamReader, exchange: _Exchange, declared: int | None, head: bytes = b""
+) -> AsyncIterator[bytes]:
     received = 0
     try:
+        if head:
+            received += len(head)
+            exchange.bytes_in += len(head)
+            yield head
         async for chunk in content.iter_any():
             received += len(chunk)
             exchange.bytes_in += len(chunk)

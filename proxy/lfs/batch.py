@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..access import inflate_bounded
+from ..bodies import inflate_bounded
 from ..config import LfsConfig, StorageHostConfig
 from ..errors import UpstreamBadResponse
 from ..routing import Route

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -16,14 +17,17 @@ import subprocess
 import time
 import urllib.request
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.testing import FakeGitHub
-from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, StartProxy, static_config
+from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, StartProxy, UpstreamApp, static_config
 from tests.e2e.nested_upstream import NestedUpstream, static_entry, v2_fetch
+from tests.test_forward import config_for
 
 TOKEN_A, TOKEN_B = "token-team-a-1111", "token-team-b-2222"
 H = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
@@ -222,3 +226,107 @@ async def test_a_commit_upstream_purged_is_never_served_from_the_mirror(
     assert (await git("cat-file", "-e", secret, cwd=probe, check=False)).returncode != 0
     await git("-c", f"protocol.version={version}", "clone", "--quiet", url, "after")  # and clones still work
     assert (await git("rev-parse", "HEAD", cwd=git.workdir / "after")).stdout.strip() == base
+
+
+def mirror_in_front_of(upstream_url: str, directory: Path, **mirror: object) -> dict[str, object]:
+    config = config_for(upstream_url)
+    config["mirror"] = {"dir": str(directory), **mirror}
+    return config
+
+
+# Round 4, item 6: the authorization probe read upstream's whole info/refs answer into memory.
+async def test_the_authorization_probe_reads_no_more_than_it_needs(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
+) -> None:
+    sent = {"info/refs": 0}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/info/refs") and "User-Agent" in request.headers:
+            return web.Response(status=500)  # the mirror's own `git fetch`: git's memory, not the proxy's
+        if request.path.endswith("/info/refs"):
+            response = web.StreamResponse(headers={"Content-Type": "application/x-git-upload-pack-advertisement"})
+            await response.prepare(request)
+            chunk = b"0" * (1 << 20)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(256):  # 256 MiB, if anyone reads it
+                    await response.write(chunk)
+                    sent["info/refs"] += len(chunk)
+            return response
+        await request.read()
+        return web.Response(status=200, content_type="application/x-git-upload-pack-result")
+
+    proxy = await start_proxy(mirror_in_front_of(await upstream_app(handler), tmp_path / "m"))
+    async with aiohttp.ClientSession() as session:
+        url = f"{proxy}/github.com/acme/private.git/git-upload-pack"
+        async with session.post(url, data=v2_fetch("a" * 40), headers=H) as answer:
+            assert answer.status == 200  # the bypass: upstream's own answer
+    assert sent["info/refs"] < 32 << 20, f"the probe read {sent['info/refs'] >> 20} MiB of a ref advertisement"
+
+
+# Round 4, item 7: with the mirror on, pack requests were held whole: over 16 MiB refused, and no bound across them.
+async def test_a_chunked_pack_request_over_the_mirrors_limit_goes_upstream_whole(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
+) -> None:
+    received: list[tuple[int, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        received.append((size, digest.hexdigest()))
+        return web.Response(status=200, content_type="application/x-git-upload-pack-result")
+
+    proxy = await start_proxy(mirror_in_front_of(await upstream_app(handler), tmp_path / "m"))
+    head = v2_fetch("b" * 40)[:-4]  # a fetch without its flush: then 17 MiB of haves-like padding lines
+    line = b"0032have " + b"c" * 40 + b"\n"
+    body = head + line * ((17 << 20) // len(line)) + b"0000"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1 << 20):
+            yield body[start : start + (1 << 20)]
+
+    async with aiohttp.ClientSession() as session:
+        url = f"{proxy}/github.com/acme/private.git/git-upload-pack"
+        async with session.post(url, data=chunked(), headers=H) as answer:
+            assert answer.status == 200
+    assert received == [(len(body), hashlib.sha256(body).hexdigest())]  # exactly the bytes the client sent
+
+
+async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
+) -> None:
+    """Three pack requests of 12 MiB, their bodies pending: with mirror.maxHeldBodies at 30 MiB the proxy holds two
+    and passes the third on as it comes (upstream sees it start), instead of holding 36 MiB. All three complete."""
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        started.append(request.content_length or 0)
+        finished.append(sum([len(chunk) async for chunk in request.content.iter_any()]))
+        return web.Response(status=200, content_type="application/x-git-upload-pack-result")
+
+    config = mirror_in_front_of(await upstream_app(handler), tmp_path / "m", maxHeldBodies="30MiB")
+    proxy = await start_proxy(config)
+    size = 12 << 20
+    port = int(proxy.rsplit(":", 1)[1])
+    connections = []
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/x-git-upload-pack-request\r\nGit-Protocol: version=2\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size + b"0" * (1 << 20))  # fmt: skip
+        await writer.drain()
+        connections.append((reader, writer))
+    for _ in range(100):
+        if started:
+            break
+        await asyncio.sleep(0.05)
+    assert started == [size], "the third body was held too (or the first two were passed on)"
+    for _, writer in connections:
+        writer.write(b"0" * (size - (1 << 20)))
+        await writer.drain()
+    for reader, writer in connections:
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 20)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert sorted(finished) == [size, size, size]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -488,3 +489,47 @@ async def test_a_read_only_lfs_batch_whose_operation_is_not_plainly_download_is_
     )
     assert status == 403 and b"only LFS downloads" in text
     assert fake_github.seen == []
+
+
+async def test_bodies_dripped_a_byte_at_a_time_neither_hold_the_pool_nor_outlast_the_rate_floor(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 4, item 8: push bodies dripping a byte every 1.5 s, never quiet for writeTimeout, held the whole
+    upstream pool, and an ls-remote waited behind them. Bodies still arriving now share all but a quarter of the
+    pool, and one that averages under server.minBodyRate over a window is cut."""
+    caplog.set_level(logging.INFO)
+    reached: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(request.method)
+        await request.read()
+        return web.Response(text="ok")
+
+    config = config_for(await upstream_app(handler))
+    config["server"] = {"writeTimeout": "3s", "maxUpstreamConnections": 2}  # rate judged over 3 s; one slot
+    proxy = await start_proxy(config)
+
+    async def drip() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"POST /github.com/acme/private.git/git-receive-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: 1000\r\n\r\n0")  # fmt: skip
+            for _ in range(60):
+                await asyncio.sleep(0.5)
+                if reader.at_eof():
+                    break
+                writer.write(b"0")
+                await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+        return answer
+
+    drips = [asyncio.create_task(drip()) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, INFO_REFS), timeout=10)  # not behind the drips
+    assert status == 200 and "GET" in reached
+    answers = await asyncio.gather(*drips)
+    assert answers == [b"", b"", b""]  # each cut in its turn, without an answer a client could take for one
+    cut = [m for r in caplog.records if "aborting the transfer" in (m := r.getMessage()) and "minBodyRate" in m]
+    assert len(cut) == 3, "each drip was cut for its rate"
