@@ -89,18 +89,9 @@ async def test_a_lease_without_a_deadline_is_taken_over_at_once(
 ) -> None:
     """The writer finds the lease key while a mint runs and sets it again for ever (no TTL), and another one with
     a TTL longer than any lease of ours. A cold replica does not wait on either: it takes the lease and mints."""
-    config = fleet_config(fake_github, acme_app, redis_server)
-    config["github"]["appInstallation"]["httpClientTimeout"] = "3s"  # leases live 8 s
-    fake_github.apps.mint_latency = 0.3
-    first = await replicas.start(config)
-    cloning = asyncio.create_task(git("clone", "--quiet", f"{first}/github.com/acme/private", "first"))
-    lease = await _lease_key_during_the_mint(redis_server)
-    await cloning
-    fake_github.apps.mint_latency = 0
+    config, lease = await _learn_the_lease_key(fake_github, acme_app, redis_server, git, replicas, "3s")  # 8 s leases
     for index, forever in enumerate((["SET", lease, "attacker"], ["SET", lease, "attacker", "EX", "86400"])):
-        fake_github.apps.revoke_all_tokens()
-        for key in [k for k in stored_values(redis_server) if ":token:" in k]:
-            redis_server.command("DEL", key)
+        _forget_every_token(fake_github, redis_server)
         redis_server.command(*forever)
         proxy = await replicas.start(config)
         await git("clone", "--quiet", f"{proxy}/github.com/acme/private", f"cold-{index}")
@@ -114,17 +105,8 @@ async def test_waiters_that_give_up_on_a_stuck_holder_take_the_lease_and_mint_on
 ) -> None:
     """A lease that looks like ours (a short TTL) but is renewed by the writer for ever: each waiting replica gives
     up after the lease's life, and the first to give up takes the lease, so that the fleet still mints once."""
-    config = fleet_config(fake_github, acme_app, redis_server)
-    config["github"]["appInstallation"]["httpClientTimeout"] = "2s"  # leases live 7 s
-    fake_github.apps.mint_latency = 0.2
-    first = await replicas.start(config)
-    cloning = asyncio.create_task(git("clone", "--quiet", f"{first}/github.com/acme/private", "first"))
-    lease = await _lease_key_during_the_mint(redis_server)
-    await cloning
-    fake_github.apps.mint_latency = 0
-    fake_github.apps.revoke_all_tokens()
-    for key in [k for k in stored_values(redis_server) if ":token:" in k]:
-        redis_server.command("DEL", key)
+    config, lease = await _learn_the_lease_key(fake_github, acme_app, redis_server, git, replicas, "2s")  # 7 s leases
+    _forget_every_token(fake_github, redis_server)
     stop = asyncio.Event()
 
     async def renew_for_ever() -> None:  # SET ... XX: only while it still holds the attacker's value
@@ -148,13 +130,32 @@ async def test_waiters_that_give_up_on_a_stuck_holder_take_the_lease_and_mint_on
     assert replicas.metric(1, "git_token_proxy_lease_waits_total") == 1
 
 
-async def _lease_key_during_the_mint(redis: RedisServer) -> str:
-    for _ in range(200):
-        leases = [key for key in stored_values(redis) if ":lease:" in key]
-        if leases:
-            return leases[0]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no lease seen while the mint ran")
+async def _learn_the_lease_key(
+    fake: FakeGitHub, acme: AcmeApp, redis: RedisServer, git: Git, replicas: Replicas, http_timeout: str
+) -> tuple[dict[str, Any], str]:
+    """What the writer does first: watch Redis while a replica mints, and note the lease key that appears."""
+    config = fleet_config(fake, acme, redis)
+    config["github"]["appInstallation"]["httpClientTimeout"] = http_timeout  # a lease lives this + 5 s
+    fake.apps.mint_latency = 0.2
+    first = await replicas.start(config)
+    cloning = asyncio.create_task(git("clone", "--quiet", f"{first}/github.com/acme/private", "first"))
+    try:
+        for _ in range(200):
+            leases = [key for key in stored_values(redis) if ":lease:" in key]
+            if leases:
+                return config, leases[0]
+            await asyncio.sleep(0.01)
+        raise AssertionError("no lease seen while the mint ran")
+    finally:
+        await cloning
+        fake.apps.mint_latency = 0
+
+
+def _forget_every_token(fake: FakeGitHub, redis: RedisServer) -> None:
+    """Tokens revoked and gone from Redis: the next cold replica must mint, and so take the lease."""
+    fake.apps.revoke_all_tokens()
+    for key in [k for k in stored_values(redis) if ":token:" in k]:
+        redis.command("DEL", key)
 
 
 async def test_an_oversized_value_is_refused_unread(redis_server: RedisServer) -> None:
