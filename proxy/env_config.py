@@ -65,11 +65,16 @@ INSTALLATION_ID = Variable(
     "INSTALLATION_ID", "skip the installation look-up (optional)", f"{ENTRY_LOCATION}.installationId"
 )
 GITHUB_URL = Variable("GITHUB_URL", "https://github.com (the default), or a GitHub Enterprise Server", "upstreams[0]")
+UPSTREAM_URL = Variable(
+    "UPSTREAM_URL",
+    "where GITHUB_URL's host really is (a mirror; the fake of `python -m proxy.testing`): paths keep its host",
+    "upstreams[0].url",
+)
 API_URL = Variable(
     "API_URL", "the REST API (default: https://api.github.com, or <GITHUB_URL>/api/v3)", f"{ENTRY_LOCATION}.apiUrl"
 )
 READ_ONLY = Variable("READ_ONLY", "true: refuse pushes and mint contents:read tokens", f"{ENTRY_LOCATION}.readOnly")
-APP_VARIABLES = (CLIENT_ID, APP_ID, PRIVATE_KEY, INSTALLATION_ID, GITHUB_URL, API_URL, READ_ONLY)
+APP_VARIABLES = (CLIENT_ID, APP_ID, PRIVATE_KEY, INSTALLATION_ID, GITHUB_URL, UPSTREAM_URL, API_URL, READ_ONLY)
 
 HOST = Variable("HOST", "listen on this address (default 127.0.0.1; overrides server.host)", "server.host")
 PORT = Variable("PORT", "listen on this port (default 8080; overrides server.port)", "server.port")
@@ -172,11 +177,25 @@ def _flag(text: str, variable: Variable) -> bool:
 
 
 def _upstream(settings: Mapping[Variable, str]) -> dict[str, str]:
-    url = settings.get(GITHUB_URL, DEFAULT_GITHUB_URL).rstrip("/")
+    """The one upstream: GITHUB_URL's host, which clients name in their paths, served where UPSTREAM_URL says
+    (by default at GITHUB_URL itself)."""
+    url = _http_url(settings.get(GITHUB_URL, DEFAULT_GITHUB_URL), GITHUB_URL)
+    upstream = {"host": urlsplit(url).netloc.lower(), "url": url}
+    if UPSTREAM_URL in settings:
+        if API_URL not in settings:
+            # The API's default follows GITHUB_URL (api.github.com for github.com): the app's JWT would go there,
+            # not to the server UPSTREAM_URL names.
+            raise ConfigError(f"{UPSTREAM_URL.label} needs {API_URL.label} too: the REST API of that server")
+        upstream["url"] = _http_url(settings[UPSTREAM_URL], UPSTREAM_URL)
+    return upstream
+
+
+def _http_url(text: str, variable: Variable) -> str:
+    url = text.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
-        raise ConfigError(f"{GITHUB_URL.label}: {url!r} is not an http(s)://host[:port] URL")
-    return {"host": parts.netloc.lower(), "url": url}
+        raise ConfigError(f"{variable.label}: {url!r} is not an http(s)://host[:port] URL")
+    return url
 
 
 def _private_key(settings: Mapping[Variable, str], environ: Mapping[str, str]) -> str:

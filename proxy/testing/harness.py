@@ -64,7 +64,7 @@ def proxy_config(fake_url: str, app: FakeApp, key_file: Path) -> dict[str, Any]:
     return {"upstreams": [{"host": "github.com", "url": fake_url}], "github": {"appInstallation": {"auth": [entry]}}}
 
 
-def _build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
+def build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
     """Set-up before serving: repos are made with the git CLI and the key is written, so this blocks briefly."""
     root.mkdir(parents=True, exist_ok=True)
     fake = FakeGitHub(root=root / "github")
@@ -93,7 +93,7 @@ async def _start_proxy(config: dict[str, Any]) -> tuple[web.AppRunner, str]:
 @asynccontextmanager
 async def async_proxied_github(root: Path, repos: Repos) -> AsyncIterator[ProxiedGitHub]:
     """The fake and the proxy on the running event loop; both stopped on exit. `root` holds their files."""
-    fake, app, key_file = _build_fake(root, repos)
+    fake, app, key_file = build_fake(root, repos)
     await fake.start()
     try:
         runner, proxy_url = await _start_proxy(proxy_config(fake.url, app, key_file))

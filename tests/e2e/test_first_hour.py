@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+import yaml
 
 from proxy.testing import FakeGitHub, generate_app_key, insteadof_env, pkcs1_pem
 from tests.conftest import AcmeApp, Git, ServeProcess, StartProxy, app_config, free_port, kill_all
@@ -132,54 +133,128 @@ async def run_shell(line: str, env: dict[str, str], cwd: Path) -> tuple[int, str
     return process.returncode, output.decode()
 
 
-async def test_readme_quick_start_works_with_the_fake_standing_in_for_github(
-    fake_github: FakeGitHub, app_key: rsa.RSAPrivateKey, tmp_path: Path
-) -> None:
-    """Each line as the README has it, with the placeholders a user fills in (the Client ID, the key's path) and
-    the fake's address instead of github.com's; GITHUB_URL and API_URL point the proxy at the fake."""
-    app = fake_github.apps.add_app(app_key)
-    fake_github.apps.add_installation(app, "acme")
-    fake_github.create_repo("acme/app", {"README.md": b"# acme/app\n"})
+class FakeGitHubCommand:
+    """`python -m proxy.testing`, as the README has a newcomer run it: its output, and what it wrote."""
+
+    def __init__(self, tmp_path: Path, *repos: str) -> None:
+        self.port, self.folder = free_port(), tmp_path / "fake"
+        self.repos = repos
+        self.output = tmp_path / "fake.out"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> FakeGitHubCommand:
+        args = ["-m", "proxy.testing", "--port", str(self.port), "--write-config", str(self.folder)]
+        for repo in self.repos:
+            args += ["--repo", repo]
+        with self.output.open("wb") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, *args, stdout=out, stderr=subprocess.STDOUT, env=clean_environment()
+            )
+        for _ in range(400):
+            if "Ctrl-C stops the fake" in self.printed:
+                return self
+            assert self.process.returncode is None, self.printed
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"python -m proxy.testing did not start:\n{self.printed}")
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(self.process.wait(), 20) == 0
+
+    @property
+    def printed(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load((self.folder / "config.yaml").read_text())
+        return loaded
+
+
+def newcomer_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A new shell: a HOME of its own, the git-token-proxy command on PATH, no system git config, no prompt."""
+    (tmp_path / "home").mkdir(exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)  # where the README's commands put the git-token-proxy command
+    return clean_environment(HOME=str(tmp_path / "home"), PATH=f"{bin_dir}:{os.environ['PATH']}",
+                             GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", **extra)  # fmt: skip
+
+
+def activate_script() -> Path:
+    """The .venv the README's commands make (the suite runs in it: scripts/test)."""
+    for venv in (ROOT / ".venv", Path(sys.prefix)):
+        if (venv / "bin" / "activate").is_file():
+            return venv / "bin" / "activate"
+    raise AssertionError("not run from a virtual environment: run the suite with scripts/test, as the README says")
+
+
+async def test_readme_quick_start_works_against_python_m_proxy_testing(tmp_path: Path) -> None:
+    """Each line as the README has it, with only what a user fills in (the Client ID, the key's path, a free port)
+    changed: github.com stays github.com, and UPSTREAM_URL and API_URL point the proxy at the fake's address."""
     home = tmp_path / "home"
     (home / "Downloads").mkdir(parents=True)
-    (home / "Downloads" / "my-app.private-key.pem").write_text(pkcs1_pem(app_key))
-    port, github_host = free_port(), fake_github.url.removeprefix("http://")
-    substitutions = [
-        ("Iv23liXXXXXXXXXXXXXX", app.client_id),
-        ("http://127.0.0.1:8080/github.com/", f"http://127.0.0.1:{port}/{github_host}/"),
-        ("https://github.com/", f"{fake_github.url}/"),
-    ]
-    bin_dir = str(Path(sys.executable).parent)  # where pip put the git-token-proxy command
-    env = clean_environment(
-        HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
-        GIT_TOKEN_PROXY_GITHUB_URL=fake_github.url, GIT_TOKEN_PROXY_API_URL=f"{fake_github.url}/api/v3",
-        GIT_TOKEN_PROXY_PORT=str(port),
-    )  # fmt: skip
-    work = tmp_path / "work"
-    work.mkdir()
-    server: asyncio.subprocess.Process | None = None
-    try:
-        for line in quick_start_commands():
-            for placeholder, value in substitutions:
-                line = line.replace(placeholder, value)
-            if line.startswith("export "):
-                name, _, value = line.removeprefix("export ").partition("=")
-                env[name] = (await run_shell(f"printf %s {value}", env, work))[1]  # the shell's own expansion
-            elif "git-token-proxy serve" in line:
-                command = line.removesuffix("&").strip()
-                server = await asyncio.create_subprocess_exec(
-                    "bash", "-c", f"exec {command}", env=env, cwd=work, stderr=asyncio.subprocess.DEVNULL
-                )
-                await wait_until_answering(port)
-            else:
-                status, output = await run_shell(line, env, work)
+    async with FakeGitHubCommand(tmp_path, "acme/app") as fake:
+        [entry] = fake.config["github"]["appInstallation"]["auth"]
+        shutil.copy(entry["privateKey"], home / "Downloads" / "my-app.private-key.pem")
+        port = free_port()
+        substitutions = [
+            ("Iv23liXXXXXXXXXXXXXX", entry["clientId"]),
+            ("127.0.0.1:8080", f"127.0.0.1:{port}"),
+            ("source .venv/bin/activate", f"source {activate_script()}"),
+        ]
+        env = newcomer_environment(tmp_path, GIT_TOKEN_PROXY_UPSTREAM_URL=fake.url, GIT_TOKEN_PROXY_API_URL=fake.url,
+                                   GIT_TOKEN_PROXY_PORT=str(port))  # fmt: skip
+        work = tmp_path / "work"
+        work.mkdir()
+        server: asyncio.subprocess.Process | None = None
+        try:
+            for line in quick_start_commands():
+                for placeholder, value in substitutions:
+                    line = line.replace(placeholder, value)
+                if line.startswith("export "):
+                    name, _, value = line.removeprefix("export ").partition("=")
+                    env[name] = (await run_shell(f"printf %s {value}", env, work))[1]  # the shell's own expansion
+                elif "git-token-proxy serve" in line:
+                    command = line.removesuffix("&").strip()
+                    server = await asyncio.create_subprocess_exec(
+                        "bash", "-c", f"exec {command}", env=env, cwd=work, stderr=asyncio.subprocess.DEVNULL
+                    )
+                    await wait_until_answering(port)
+                else:
+                    status, output = await run_shell(line, env, work)
+                    assert status == 0, f"{line}\n{output}"
+        finally:
+            if server is not None and server.returncode is None:
+                server.terminate()
+                await server.wait()
+    assert (work / "app" / "README.md").read_bytes().startswith(b"# acme/app\n")
+
+
+async def test_the_fake_github_command_prints_the_commands_that_then_clone(tmp_path: Path) -> None:
+    """The commands `python -m proxy.testing` prints, run as printed (the config-file form), clone
+    https://github.com/acme/app from the fake."""
+    async with FakeGitHubCommand(tmp_path, "acme/app", "acme/lib") as fake:
+        printed = [line.strip() for line in fake.printed.splitlines()]
+        [serve_line] = [line for line in printed if line.startswith("git-token-proxy serve --config")]
+        port = free_port()
+        env = newcomer_environment(tmp_path)
+        server = await asyncio.create_subprocess_exec(
+            "bash", "-c", f"exec {serve_line} --port {port}", env=env, stderr=asyncio.subprocess.DEVNULL
+        )
+        try:
+            await wait_until_answering(port)
+            for line in [line for line in printed if line.startswith("git ")]:
+                status, output = await run_shell(line.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), env, tmp_path)
                 assert status == 0, f"{line}\n{output}"
-    finally:
-        if server is not None and server.returncode is None:
+        finally:
             server.terminate()
             await server.wait()
-    assert (work / "app" / "README.md").read_bytes() == b"# acme/app\n"
-    assert fake_github.apps.count("mint") == 1
+    assert (tmp_path / "app" / "README.md").read_bytes().startswith(b"# acme/app\n")
+    assert "acme/app, acme/lib (private)" in fake.printed
 
 
 async def wait_until_answering(port: int) -> None:
