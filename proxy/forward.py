@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import AccessControl, Client, enforce_read_only, read_only_party
+from .access import AccessControl, Client, enforce_read_only, is_write, read_only_party
 from .bodies import HeldBytes, Peeked, inflate_bounded, peek_body, read_whole_body
 from .coalesce import pause_after_small_read
 from .config import StorageHostConfig
@@ -186,6 +186,8 @@ class _Exchange:
     body_failed: bool = False  # the client's streamed body broke off
     upstream: aiohttp.ClientResponse | None = None  # once its headers have come
     lfs: StorageAction | None = None  # an /_lfs/ request: the object it moves
+    fallback: AppNotInstalled | None = None  # the app is not installed: the read went upstream without a token
+    credential_kind: str | None = None  # "anonymous" once such a read was answered
 
     def close_upstream(self) -> None:
         if self.upstream is not None:
@@ -395,6 +397,8 @@ async def _exchange_with_upstream(
         opened = await _open_upstream(request, route, context, exchange, body)
     except ProxyError as error:
         _note_for_mirror(context, route, error)
+        if isinstance(error, AppNotInstalled) and route.entry is not None:
+            context.metrics.mint_failed(route.entry.id, error)  # a refusal; a public repo read anyway is none
         return _refuse(error, exchange)
     finally:
         if peeked is not None:
@@ -445,7 +449,7 @@ async def _serve_from_mirror(
         return None  # ls-refs: the refs are upstream's, at this moment, like info/refs
     exchange.mirror = "bypass"
     source = context.sources[route.entry.id] if route.entry else None
-    credential = exchange.credential = await _credential(source, route, context.metrics)
+    credential = exchange.credential = await _credential_or_fallback(source, route, request, context, exchange)
     answer = None
     if body is not None and await _read_proven(route, credential, context):
         answer = await context.mirror.answer_pack(
@@ -454,6 +458,9 @@ async def _serve_from_mirror(
     context.metrics.mirror_requests.labels(answer.outcome if answer else "bypass").inc()
     if answer is None:
         return None
+    if exchange.fallback is not None and route.entry is not None:  # a public repo, proven readable anonymously
+        exchange.credential_kind = "anonymous"
+        context.metrics.anonymous_fallbacks.labels(route.entry.id).inc()
     exchange.mirror, exchange.request_sent, exchange.bytes_in = answer.outcome, True, len(raw)
     return await _stream_mirror_answer(request, answer, exchange, context.metrics)
 
@@ -776,10 +783,11 @@ async def _open_upstream(
 ) -> _Opened:
     """Send the request upstream; a dead token on a replayable request gets one fresh credential and one retry."""
     source = context.sources[route.entry.id] if route.entry else None
-    credential = exchange.credential = await _credential(source, route, context.metrics)
+    credential = exchange.credential = await _credential_or_fallback(source, route, request, context, exchange)
     upstream = exchange.upstream = await _send(request, route, credential, context, exchange, body)
     try:
         _refuse_if_body_broke(exchange)
+        _refuse_failed_fallback(upstream, exchange, context.metrics)
         if source and credential and await _token_was_dead(upstream, request, route, source, credential):
             upstream.close()  # its body was not read: the connection is not reused
             credential = exchange.credential = await _credential(source, route, context.metrics)
@@ -789,6 +797,33 @@ async def _open_upstream(
     except BaseException:
         upstream.close()
         raise
+
+
+async def _credential_or_fallback(
+    source: CredentialSource | None, route: Route, request: web.Request, context: ForwardContext, exchange: _Exchange
+) -> Credential | None:
+    """The entry's credential; or, when its GitHub App is not installed on the owner (a public dependency under a
+    catch-all entry), none at all for a read the upstream allows anonymously: upstream then decides, as for a
+    direct clone. Pushes never fall back. The "not installed" answer is remembered by the source, so the
+    fallback costs no further look-ups."""
+    try:
+        return await _credential(source, route, context.metrics)
+    except AppNotInstalled as not_installed:
+        if not route.upstream.anonymous or is_write(route, request.method):
+            raise
+        exchange.fallback = not_installed
+        return None
+
+
+def _refuse_failed_fallback(upstream: aiohttp.ClientResponse, exchange: _Exchange, metrics: Metrics) -> None:
+    """Upstream refused the anonymous read too (401; GitHub's 404 for a private repo): the client gets the
+    proxy's own reason, "not installed", rather than a bare refusal."""
+    if exchange.fallback is None:
+        return
+    if upstream.status in (401, 403, 404):
+        raise exchange.fallback
+    exchange.credential_kind = "anonymous"
+    metrics.anonymous_fallbacks.labels(exchange.route.entry.id if exchange.route and exchange.route.entry else "").inc()
 
 
 def _refuse_if_body_broke(exchange: _Exchange) -> None:
@@ -907,7 +942,7 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
         "bytes_out": exchange.bytes_out,
         "duration_ms": round((time.monotonic() - exchange.started) * 1000, 1),
         "entry": route.entry.id if route and route.entry else None,
-        "token": credential.origin if credential else None,
+        "token": credential.origin if credential else exchange.credential_kind,
         "token_sha256": credential.fingerprint if credential else None,
     }
     if exchange.reason:

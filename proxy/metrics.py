@@ -120,6 +120,11 @@ class Metrics:
         )
         self.mirror_disk_bytes = Gauge("git_token_proxy_mirror_disk_bytes", "Disk used by the mirrors", registry=r)
         # LFS objects through the proxy (lfs.proxyObjects).
+        self.anonymous_fallbacks = Counter(
+            "git_token_proxy_anonymous_fallbacks",
+            "Reads sent upstream without a token because the entry's app is not installed there (public repos)",
+            ["entry"], registry=r,
+        )  # fmt: skip
         self.lfs_actions_rewritten = Counter(
             "git_token_proxy_lfs_actions_rewritten", "Batch-answer actions given a handle on this proxy", ["action"],
             registry=r,

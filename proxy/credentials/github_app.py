@@ -236,8 +236,7 @@ class GitHubAppSource:
             self._metrics.mint_failed(self.entry_id, error)
             raise
         # Only answers are cached; a 5xx or a timeout raised above and left nothing behind.
-        if found is None:
-            self._metrics.mint_failed(self.entry_id, AppNotInstalled(owner))
+        if found is None:  # counted by forward as a failure only if the request is refused (no public fallback)
             await self._not_installed.set(owner, True, NOT_INSTALLED_TTL)
             return NOT_INSTALLED
         await self._installations.set(owner, found, INSTALLATION_TTL)

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import jwt
 import pytest
 
@@ -356,3 +357,33 @@ async def test_get_app_without_a_slug_names_the_app_by_its_name(
     assert "is not installed on nobody/x (or cannot see it) (app 'Acme CI')" in await refused_clone(
         git, proxy, "nobody/x"
     )
+
+
+async def test_a_public_repo_the_app_is_not_installed_on_clones_without_a_token(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    """The quick start's catch-all entry and a public dependency (`torvalds/linux`, a public submodule): the app
+    is not installed there, and the read goes upstream without a token, as a direct clone would. A private repo
+    of such an owner still gets the proxy's reason, pushes never fall back, and the fallback is not a failure."""
+    fake_github.create_repo("torvalds/linux", {"name.txt": b"linux", "README": b"public\n"}, public=True)
+    fake_github.create_repo("torvalds/secret", {"name.txt": b"secret"})
+    proxy = await start_proxy(app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*"))
+    await clone(git, proxy, "torvalds/linux", "linux")
+    await clone(git, proxy, "acme/private", "private")  # the app's own repos still get its token
+    assert "is not installed on torvalds/secret (or cannot see it)" in await refused_clone(
+        git, proxy, "torvalds/secret"
+    )
+    (git.workdir / "linux" / "change.txt").write_text("change\n")
+    await git("add", "change.txt", cwd=git.workdir / "linux")
+    await git("commit", "--quiet", "-m", "change", cwd=git.workdir / "linux")
+    pushed = await git("push", "origin", "HEAD", cwd=git.workdir / "linux", check=False)
+    assert pushed.returncode != 0 and not pushed.prompted
+    assert "is not installed on torvalds/linux" in pushed.stderr
+    anonymous = [seen for seen in fake_github.git_requests if seen.path.startswith("/torvalds/linux")]
+    assert anonymous and all(seen.token is None for seen in anonymous)
+    assert fake_github.apps.statuses("lookup") == [404, 404, 200]  # torvalds once (remembered), then acme
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy}/metrics") as response:
+        body = await response.text()
+    assert 'git_token_proxy_anonymous_fallbacks_total{entry="acme-app"} 3.0' in body  # info/refs, ls-refs, fetch
+    # The private repo's refusal and the push's count as failures; the public reads do not.
+    assert 'git_token_proxy_token_mint_failures_total{entry="acme-app",reason="not_installed"} 2.0' in body
