@@ -188,6 +188,17 @@ class _Exchange:
     lfs: StorageAction | None = None  # an /_lfs/ request: the object it moves
     fallback: AppNotInstalled | None = None  # the app is not installed: the read went upstream without a token
     credential_kind: str | None = None  # "anonymous" once such a read was answered
+    answered: bool = False  # a whole answer went out (upstream's, the mirror's, or the proxy's own refusal)
+    cut_by: str | None = None  # who ended a transfer early: "client", "upstream" or "proxy" (a bug)
+
+    def cut(self, side: str) -> None:
+        """The first side to break a transfer is the one that cut it (an abort that follows is its consequence)."""
+        if self.cut_by is None:
+            self.cut_by = side
+
+    @property
+    def complete(self) -> bool:
+        return self.answered and self.cut_by is None and not self.body_failed
 
     def close_upstream(self) -> None:
         if self.upstream is not None:
@@ -284,6 +295,7 @@ class TransferWatch:
         exchange = watched.exchange
         self.remove(exchange)
         exchange.aborted = why
+        exchange.cut("client")
         log.warning(
             "request %s: aborting the transfer after %d bytes in, %d out: %s",
             exchange.request_id, exchange.bytes_in, exchange.bytes_out, exchange.aborted,
@@ -528,13 +540,16 @@ async def _stream_mirror_answer(
             await response.write(chunk)
             exchange.bytes_out += len(chunk)
         await response.write_eof()
+        exchange.answered = True
     except ConnectionError:  # aiohttp's "Connection lost" too: a client that hung up, or was cut for stalling
+        exchange.cut("client")
         if not exchange.aborted:
             log.info("client closed the connection after %d bytes from the mirror", exchange.bytes_out)
     except Exception:
         # The status line is out: git must see a broken transfer, never a truncated pack taken for a whole one.
         log.exception("mirror answer failed after %d bytes; aborting the client connection", exchange.bytes_out)
         exchange.aborted = "the mirror's upload-pack failed (see the proxy's log)"
+        exchange.cut("upstream")  # the mirror stands in for upstream here
         _abort_client(request)
     finally:
         await answer.close()
@@ -574,7 +589,7 @@ async def _answer_batch(
     _note_dropped_headers(route, rewritten.dropped, context.lfs, context.metrics)
     headers = CIMultiDict((k, v) for k, v in opened.headers.items() if k.lower() not in _NOT_RETURNED_WITH_BATCH)
     headers["X-Request-Id"] = exchange.request_id
-    exchange.status, exchange.bytes_out = upstream.status, len(rewritten.body)
+    exchange.status, exchange.bytes_out, exchange.answered = upstream.status, len(rewritten.body), True
     return web.Response(status=upstream.status, body=rewritten.body, headers=headers)
 
 
@@ -737,16 +752,20 @@ async def _stream_verified(
             await response.write(held)
             exchange.bytes_out += len(held)
             await response.write_eof()
+            exchange.answered = True
             return True
         metrics.lfs_digest_mismatches.inc()
+        exchange.cut("upstream")
         exchange.aborted = f"the object from storage did not match its oid ({check.received} bytes read)"
         log.warning("LFS object %s from %s: %s; aborting the client connection", action.oid[:16],
                     action.storage_host, exchange.aborted)  # fmt: skip
         _abort_client(request)
     except ConnectionError:
+        exchange.cut("client")
         if not exchange.aborted:
             log.info("client closed the connection after %d bytes of an LFS object", exchange.bytes_out)
     except (aiohttp.ClientError, TimeoutError) as error:
+        exchange.cut("upstream")
         if not exchange.aborted:
             log.warning("storage failed after %d bytes (%s); aborting the client connection",
                         exchange.bytes_out, type(error).__name__)  # fmt: skip
@@ -873,13 +892,16 @@ async def _stream_back(
                 pause_after_small_read(upstream, len(chunk), exchange.bytes_out)
             exchange.bytes_out += len(chunk)
         await response.write_eof()  # a no-op when the last chunk has ended the answer already
+        exchange.answered = True
         return True
     # ConnectionError first: aiohttp's ClientConnectionResetError is also a ClientError, and a client that hangs
     # up mid-clone (Ctrl-C), or is cut for going quiet, is routine, not an upstream failure worth a traceback.
     except ConnectionError:
+        exchange.cut("client")
         if not exchange.aborted:
             log.info("client closed the connection after %d bytes", exchange.bytes_out)
     except (aiohttp.ClientError, TimeoutError) as error:
+        exchange.cut("upstream")
         if not exchange.aborted:
             # The status line is already out. Ending the body cleanly would let git take a truncated pack for a
             # complete one, so the connection is aborted and git reports the failure.
@@ -892,6 +914,7 @@ async def _stream_back(
         # The status line is out, so no 500 can follow: the failure is logged once and git sees a broken transfer.
         log.exception("unexpected error after %d bytes; aborting the client connection", exchange.bytes_out)
         exchange.aborted = "internal error (see the proxy's log)"
+        exchange.cut("proxy")
         _abort_client(request)
     return False
 
@@ -905,6 +928,7 @@ def _refuse(error: ProxyError, exchange: _Exchange) -> web.Response:
     # Whatever a message quotes (a path, GitHub's own words) is capped, stripped of control characters and
     # redacted before git prints it to a terminal: logs are not the only place a secret could surface.
     exchange.status, exchange.reason = status_for(error), sanitise_for_client(str(error))
+    exchange.answered = True  # the refusal is the whole answer
     headers = {"X-Request-Id": exchange.request_id}
     if exchange.status == 401:  # only access control's own challenge may make git ask for a password
         headers["WWW-Authenticate"] = 'Basic realm="git-token-proxy"'
@@ -914,11 +938,14 @@ def _refuse(error: ProxyError, exchange: _Exchange) -> web.Response:
 
 def _refuse_unexpected(exchange: _Exchange) -> web.Response:
     exchange.status, exchange.reason = 500, "internal error (see the proxy's log)"
+    exchange.answered = True
     text = f"git-token-proxy: internal error; its log has the details under request id {exchange.request_id}\n"
     return web.Response(status=500, text=text, content_type="text/plain", headers={"X-Request-Id": exchange.request_id})
 
 
 def _record(metrics: Metrics, exchange: _Exchange) -> None:
+    if not exchange.complete:
+        metrics.transfers_cut.labels(exchange.cut_by or ("client" if exchange.body_failed else "unknown")).inc()
     served = exchange.route is not None and exchange.reason is None
     service = exchange.route.service.value if served and exchange.route else REFUSED
     metrics.requests.labels(service, f"{exchange.status // 100}xx").inc()
@@ -944,7 +971,10 @@ def _audit(request: web.Request, exchange: _Exchange) -> None:
         "entry": route.entry.id if route and route.entry else None,
         "token": credential.origin if credential else exchange.credential_kind,
         "token_sha256": credential.fingerprint if credential else None,
+        "complete": exchange.complete,
     }
+    if not exchange.complete:
+        record["cut_by"] = "client" if exchange.body_failed and exchange.cut_by is None else exchange.cut_by
     if exchange.reason:
         record["reason"] = exchange.reason
     if exchange.aborted:

@@ -120,6 +120,10 @@ class Metrics:
         )
         self.mirror_disk_bytes = Gauge("git_token_proxy_mirror_disk_bytes", "Disk used by the mirrors", registry=r)
         # LFS objects through the proxy (lfs.proxyObjects).
+        self.transfers_cut = Counter(
+            "git_token_proxy_transfers_cut", "Requests whose answer did not go out whole, by the side that cut it",
+            ["side"], registry=r,
+        )  # fmt: skip
         self.anonymous_fallbacks = Counter(
             "git_token_proxy_anonymous_fallbacks",
             "Reads sent upstream without a token because the entry's app is not installed there (public repos)",

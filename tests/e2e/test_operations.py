@@ -283,3 +283,36 @@ async def test_shutdown_revokes_nothing_when_told_not_to(
     await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "acme")
     assert await proxy.stop() == 0
     assert revocations(fake_github) == []
+
+
+async def test_a_clone_killed_halfway_is_audited_as_cut_by_the_client(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any
+) -> None:
+    """Issue 19, item 5: a cut transfer was audited as a finished 200. Every line now says `complete`, and a cut
+    one which side cut it; git_token_proxy_transfers_cut_total counts them."""
+    files = {f"blob-{i:02}.bin": os.urandom(2 * 1024 * 1024) for i in range(8)}  # 16 MiB, incompressible
+    fake_github.create_repo("acme/big", {**files, "name.txt": b"big"})
+    fake_github.git_bytes_per_second = 4 * 1024 * 1024  # about 4 s of transfer
+    proxy = await serve_process(app_config(fake_github.url, acme_app), "--log-format", "json")
+    await git("clone", "--quiet", f"{proxy.url}/github.com/acme/private", "whole")
+    killed = await asyncio.create_subprocess_exec(
+        "git", "clone", "--quiet", f"{proxy.url}/github.com/acme/big", str(git.workdir / "big"), env=git.env,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await proxy.wait_for(lambda: pack_requested(fake_github), "the pack")
+    await asyncio.sleep(1.0)  # a part of the pack is through
+    killed.kill()
+    await killed.wait()
+
+    def audit() -> list[dict[str, Any]]:
+        return [line for line in proxy.log_lines() if "complete" in line]
+
+    await proxy.wait_for(lambda: any(not line["complete"] for line in audit()), "the cut transfer's audit line")
+    lines = audit()
+    whole = [line for line in lines if line["repo"] == "acme/private"]
+    assert whole and all(line["complete"] is True and "cut_by" not in line for line in whole)
+    [cut] = [line for line in lines if not line["complete"]]
+    assert (cut["repo"], cut["status"], cut["cut_by"]) == ("acme/big", 200, "client")
+    assert 0 < cut["bytes_out"] < 16 * 1024 * 1024
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as response:
+        assert 'git_token_proxy_transfers_cut_total{side="client"} 1.0' in await response.text()
