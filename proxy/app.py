@@ -36,7 +36,7 @@ from .forward import (
     forward_request,
     status_for,
 )
-from .guards import check_host, refuse_browsers
+from .guards import HINTS, Hints, check_host, connect_refusal, refuse_browsers
 from .lfs import LfsPolicy
 from .logs import sanitise_for_client
 from .metrics import Metrics
@@ -261,9 +261,9 @@ def _stores_of(shared: SharedTier | None) -> StoreFactory:
 
 @web.middleware
 async def refuse_connect(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CONNECT carries an authority, not a path, so no route sees it: refuse it here, plainly."""
+    """CONNECT carries an authority, not a path, so no route sees it: refuse it here, with the fix."""
     if request.method == "CONNECT":
-        return web.Response(status=405, text="CONNECT is not supported: this is not a forward proxy\n")
+        return connect_refusal(request)
     return await handler(request)
 
 
@@ -474,6 +474,7 @@ async def create_app(config: Config) -> web.Application:
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live
+    app[HINTS] = Hints()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         background = [asyncio.create_task(_probe_github(proxy)), asyncio.create_task(transfers.run())]

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import parse_config
+from .guards import RUNNER_ARGS
 from .testing import FakeGitHub, GitResult, generate_app_key, git_env, insteadof_env, pkcs1_pem, run_git
 
 REPO = "acme/private-repo"
@@ -32,7 +33,7 @@ def _show(result: GitResult) -> None:
 
 
 async def _start_proxy(config_data: dict[str, Any]) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(await create_app(parse_config(config_data, "demo config")), access_log=None)
+    runner = web.AppRunner(await create_app(parse_config(config_data, "demo config")), **RUNNER_ARGS)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

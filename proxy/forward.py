@@ -53,7 +53,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .guards import check_host, refuse_browsers
+from .guards import check_host, refuse_absolute_form, refuse_browsers
 from .lfs import (
     DigestCheck,
     HandleRefused,
@@ -349,6 +349,7 @@ async def _forward(
 ) -> web.StreamResponse:
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     try:
+        refuse_absolute_form(request)
         refuse_browsers(request.headers)
         check_host(request, context.allowed_hosts)
         client = context.access.authenticate(request.headers.get("Authorization"))

@@ -20,6 +20,7 @@ from .app import PROXY, Proxy, create_app, create_ops_app
 from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, load_config
 from .credentials.keys import key_file_of
 from .files import file_kind, read_regular_file
+from .guards import RUNNER_ARGS
 from .logs import Redactor
 
 log = logging.getLogger("git_token_proxy.serve")
@@ -38,7 +39,12 @@ async def serve(config: Config, config_path: Path, host: str, port: int, watch: 
     gc.collect()
     gc.freeze()
     # handle_signals=False: this function owns SIGTERM, so that /readyz can say "draining" while transfers finish.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_grace)
+    runner = web.AppRunner(
+        app,
+        **RUNNER_ARGS,
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_grace,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

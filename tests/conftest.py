@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.app import PROXY, create_app
 from proxy.config import parse_config
+from proxy.guards import RUNNER_ARGS
 from proxy.testing import (
     FakeApp,
     FakeGitHub,
@@ -140,7 +141,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     runners: list[web.AppRunner] = []
 
     async def start(config_data: dict[str, Any]) -> str:
-        runner = web.AppRunner(await create_app(parse_config(config_data)), access_log=None)
+        runner = web.AppRunner(await create_app(parse_config(config_data)), **RUNNER_ARGS)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", 0).start()

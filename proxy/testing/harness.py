@@ -83,8 +83,9 @@ def build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
 async def _start_proxy(config: dict[str, Any]) -> tuple[web.AppRunner, str]:
     from ..app import create_app  # the proxy itself; imported here so that the fake alone stays light
     from ..config import parse_config
+    from ..guards import RUNNER_ARGS
 
-    runner = web.AppRunner(await create_app(parse_config(config, "test proxy config")), access_log=None)
+    runner = web.AppRunner(await create_app(parse_config(config, "test proxy config")), **RUNNER_ARGS)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

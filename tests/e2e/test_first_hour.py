@@ -442,3 +442,42 @@ def test_readme_fake_github_example_runs_as_written(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+# ---------------------------------------------------------------- issue 19, item 6: git pointed the wrong way
+
+
+async def test_git_using_the_proxy_as_an_http_proxy_gets_the_insteadof_fix(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`http.proxy` (or HTTPS_PROXY) makes git send CONNECT for https:// URLs, and absolute-form requests for
+    http:// ones: each gets the insteadOf line, in the answer and in one log line, not an allowedHosts hint."""
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    insteadof = f'url."{proxy}/github.com/".insteadOf "https://github.com/"'
+    tunnelled = await git("-c", f"http.proxy={proxy}", "ls-remote", "https://github.com/acme/private", check=False)
+    assert tunnelled.returncode != 0 and "CONNECT tunnel failed, response 405" in tunnelled.stderr
+    forwarded = await git("-c", f"http.proxy={proxy}", "ls-remote", "http://github.com/acme/private", check=False)
+    assert forwarded.returncode != 0 and not forwarded.prompted
+    assert "remote: git-token-proxy is not an HTTP proxy" in forwarded.stderr and insteadof in forwarded.stderr
+    assert "allowedHosts" not in forwarded.stderr
+    hints = [r.getMessage() for r in caplog.records if r.name == "git_token_proxy.edge"]
+    assert any(m.startswith("a CONNECT request") and insteadof in m for m in hints)
+    assert any(m.startswith("a request for an absolute URL") and insteadof in m for m in hints)
+    again = await git("-c", f"http.proxy={proxy}", "ls-remote", "https://github.com/acme/private", check=False)
+    assert again.returncode != 0
+    assert len([r for r in caplog.records if r.getMessage().startswith("a CONNECT request")]) == 1  # rate-limited
+
+
+async def test_a_tls_handshake_on_the_plain_port_is_logged_with_the_fix(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git, caplog: pytest.LogCaptureFixture
+) -> None:
+    """https:// in the insteadOf line: git says `gnutls_handshake() failed` (or `wrong version number`), which
+    names nothing of the proxy; the proxy's log says what to write instead."""
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    wrong = proxy.replace("http://", "https://")
+    done = await git("-c", f'url.{wrong}/github.com/.insteadOf=https://github.com/', "ls-remote",
+                     "https://github.com/acme/private", check=False)  # fmt: skip
+    assert done.returncode != 0
+    await asyncio.sleep(0.2)  # the access-log hook runs once the 400 is written
+    [hint] = [r.getMessage() for r in caplog.records if "TLS handshake on the plain-HTTP port" in r.getMessage()]
+    assert f'url."{proxy}/github.com/".insteadOf "https://github.com/"' in hint
