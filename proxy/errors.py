@@ -83,6 +83,10 @@ class UpstreamNeedsAuth(ProxyError):
     """The upstream answered 401 to a request that no auth entry covers."""
 
 
+class PushNotPermitted(ProxyError):
+    """Upstream refused a push (403) with a token the proxy knows lacks the permission to push."""
+
+
 class UpstreamBadRedirect(ProxyError):
     """The upstream redirected somewhere the proxy will not follow or pass on."""
 

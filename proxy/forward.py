@@ -43,6 +43,7 @@ from .errors import (
     MisdirectedRequest,
     NotAGitEndpoint,
     ProxyError,
+    PushNotPermitted,
     RateLimited,
     ReadOnlyRefused,
     RequestBodyRefused,
@@ -105,6 +106,7 @@ _STATUS: dict[type[ProxyError], int] = {
     AuthenticationRequired: 401,
     ClientForbidden: 403,
     ReadOnlyRefused: 403,
+    PushNotPermitted: 403,
     BrowserRequestRefused: 403,
     UpstreamNeedsAuth: 403,
     AppNotInstalled: 403,
@@ -813,6 +815,8 @@ async def _open_upstream(
             credential = exchange.credential = await _credential(source, route, context.metrics)
             upstream = exchange.upstream = await _send(request, route, credential, context, exchange, body)
         _check_status(upstream, route, credential)
+        if upstream.status == 403 and source and credential and route.service is Service.RECEIVE_PACK:
+            await _explain_push_refusal(source, credential, route)
         return _Opened(upstream, credential, _response_headers(upstream, route))
     except BaseException:
         upstream.close()
@@ -844,6 +848,14 @@ def _refuse_failed_fallback(upstream: aiohttp.ClientResponse, exchange: _Exchang
         raise exchange.fallback
     exchange.credential_kind = "anonymous"
     metrics.anonymous_fallbacks.labels(exchange.route.entry.id if exchange.route and exchange.route.entry else "").inc()
+
+
+async def _explain_push_refusal(source: CredentialSource, credential: Credential, route: Route) -> None:
+    """GitHub answers a push with a token that may not write with a bare `Permission to acme/app denied`; the
+    source knows what the token was minted with, and says what is missing and where to grant it."""
+    reason = await source.why_push_refused(credential, route.repo)
+    if reason is not None:
+        raise PushNotPermitted(reason)
 
 
 def _refuse_if_body_broke(exchange: _Exchange) -> None:

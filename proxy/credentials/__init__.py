@@ -55,6 +55,12 @@ class CredentialSource(Protocol):
         True when the credential turned out dead and was dropped: one retry with a fresh one is worth it."""
         ...
 
+    async def why_push_refused(self, credential: Credential, repo: RepoRef) -> str | None:
+        """Upstream refused a push (403) with `credential`: the reason, when the source knows the token cannot
+        push (the permissions it was minted with), or None (a static token; a token that may write, refused for
+        another reason). Never asks GitHub: it only explains a refusal."""
+        ...
+
     def forget_failures(self) -> None:
         """A reload (SIGHUP, --watch): forget every remembered failure (rate limits, negative answers, backoffs),
         so that the next request asks again. Tokens and positive answers stay."""

@@ -158,6 +158,25 @@ class GitHubAppSource:
     async def close(self) -> None:
         return None
 
+    async def why_push_refused(self, credential: Credential, repo: RepoRef) -> str | None:
+        key = await self._token_key_if_known(repo)
+        cached = await self._tokens.peek(key) if key is not None else None
+        if cached is None or cached.reused.token != credential.token:
+            return None
+        level = cached.permissions.get("contents")
+        if level == "write":
+            return None  # it may push: branch protection or a ruleset refused it, and GitHub's words say which
+        has = f"contents: {level}" if level else "no contents permission"
+        token = f"the token of auth entry {self.entry_id!r} for {repo.full_name} has {has}"
+        token += "; pushing needs contents: write"
+        asked = (self._permissions or {}).get("contents")
+        if asked is not None and asked != "write":
+            return f"{token}. The entry asks for contents: {asked} (its permissions): ask for write, or push elsewhere"
+        return (
+            f"{token}. Grant it in the GitHub App's settings (Permissions, Contents: Read and write) and accept it "
+            "on the installation"
+        )
+
     async def held_tokens(self) -> list[str]:
         """The live tokens of this source's cache keys (another entry of the same app and scope shares them)."""
         return [token.reused.token for token in await self._tokens.held(self._key_prefix)]

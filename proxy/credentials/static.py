@@ -22,6 +22,9 @@ class StaticTokenSource:
     async def recheck_after_not_found(self, credential: Credential, repo: RepoRef) -> bool:
         return False  # nothing to renew: the 404 is passed on
 
+    async def why_push_refused(self, credential: Credential, repo: RepoRef) -> str | None:
+        return None  # a static token's scopes are GitHub's business: nothing is known here
+
     def forget_failures(self) -> None:
         return None  # a static token remembers no failure
 

@@ -104,7 +104,8 @@ async def test_permissions_and_repository_scope_reach_the_mint_and_bind_the_toke
     assert fake_github.grants[private_token].repos == frozenset({"acme/private"})
     # The fake enforces the scope on its git endpoints: the read-only token cannot push.
     pushed = await try_push(git, git.workdir / "private")
-    assert pushed.returncode != 0 and "Permission to acme/private denied" in pushed.stderr
+    assert pushed.returncode != 0 and not pushed.prompted
+    assert "has contents: read; pushing needs contents: write. The entry asks for contents: read" in pushed.stderr
 
 
 async def test_permission_not_granted_is_a_readable_error(
@@ -162,3 +163,20 @@ async def test_audit_lines_are_json_with_the_fields(
     assert any(line["bytes_in"] > 0 for line in served) and any(line["bytes_out"] > 0 for line in served)
     refused = [line for line in lines if line["status"] == 403]
     assert refused and "may not access" in refused[0]["reason"]
+
+
+async def test_a_push_refused_for_want_of_contents_write_says_what_to_grant(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, git: Git
+) -> None:
+    """Issue 19, item 7: GitHub says only `Permission to acme/private denied`; the proxy knows the token it
+    minted holds contents: read, and says so, with where to grant contents: write."""
+    fake_github.apps.installations.clear()
+    fake_github.apps.add_installation(acme_app.app, "acme", permissions={"contents": "read", "metadata": "read"})
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    await git("clone", "--quiet", url(proxy, "acme/private"), "out")
+    pushed = await try_push(git, git.workdir / "out")
+    assert pushed.returncode != 0 and not pushed.prompted
+    assert (
+        "remote: the token of auth entry 'acme-app' for acme/private has contents: read; pushing needs contents: "
+        "write. Grant it in the GitHub App's settings (Permissions, Contents: Read and write)"
+    ) in pushed.stderr
