@@ -284,6 +284,8 @@ class Proxy:
     draining: bool = False
     stopping_since: float | None = None  # monotonic: when the drain began (serve sets it), for the grace left
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
+    rejected_apps: dict[str, str] = field(default_factory=dict)  # entry id -> GitHub's definitive refusal of its key
+    generation: int = 0  # counts reloads: the start-up check of every app runs again after each
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the readiness probe
 
     @property
@@ -317,6 +319,7 @@ class Proxy:
         self.tokens.forget_failures()
         for entry_id in set(self.github_ok_at) - kept:
             del self.github_ok_at[entry_id]  # a new or changed source must prove itself against GitHub again
+        self.generation += 1
         self.reloaded.set()
         log.info("configuration reloaded: %d auth entries (%d kept with their caches)", len(context.sources), len(kept))
 
@@ -374,6 +377,10 @@ async def readyz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
     if proxy.draining:
         return web.Response(status=503, text="draining: finishing transfers before shutdown\n")
+    rejected = {k: why for k, why in proxy.rejected_apps.items() if k in proxy.app_sources}
+    if rejected:
+        said = "; ".join(f"{entry_id}: {why}" for entry_id, why in sorted(rejected.items()))
+        return web.Response(status=503, text=f"GitHub rejects the key of {', '.join(sorted(rejected))}: {said}\n")
     readiness = proxy.config.readiness
     if readiness.check_github:
         now = time.monotonic()
@@ -384,13 +391,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _probe_github(proxy: Proxy) -> None:
-    """Every `interval`, prove each app's key against GitHub; /readyz reads the results. It reads the settings
-    afresh each round and a reload wakes it, so a new entry is checked at once and the check can be switched on.
-    It must outlive anything GitHub answers: a prober that died would leave /readyz at 503 for good."""
+    """Each app's key is proved against GitHub once at start-up and after every reload, whatever `readiness`
+    says; with readiness.checkGitHub, also every `interval`, for /readyz. It reads the settings afresh each round
+    and a reload wakes it, so a new entry is checked at once. It must outlive anything GitHub answers: a prober
+    that died would leave /readyz where it was for good."""
+    checked = -1
     while True:
         proxy.reloaded.clear()
         try:
-            await _probe_once(proxy)
+            if checked != proxy.generation or proxy.config.readiness.check_github:
+                checked = proxy.generation
+                await _probe_once(proxy)
         except Exception:
             log.exception("readiness: the GitHub check failed unexpectedly; trying again next round")
         with contextlib.suppress(TimeoutError):
@@ -398,19 +409,35 @@ async def _probe_github(proxy: Proxy) -> None:
 
 
 async def _probe_once(proxy: Proxy) -> None:
-    if not proxy.config.readiness.check_github:
+    """One GET /app per app entry, all at once, off every request's path. A definitive refusal of the key (the
+    JWT rejected: another app's key, no such app) is an error line with the fix and keeps /readyz at 503 until
+    GitHub accepts it; GitHub unreachable or rate-limited is a warning that changes nothing, so that a network
+    blip never takes a fleet out of service."""
+    sources = proxy.app_sources
+    await asyncio.gather(*(_prove_app(proxy, entry_id, source) for entry_id, source in sources.items()))
+
+
+async def _prove_app(proxy: Proxy, entry_id: str, source: GitHubAppSource) -> None:
+    from .errors import JwtRejected
+
+    try:
+        await source.describe_app()
+    except JwtRejected as error:
+        if proxy.app_sources.get(entry_id) is source:
+            if proxy.rejected_apps.get(entry_id) != str(error):
+                log.error("entry %r: %s; /readyz answers 503 until GitHub accepts the key", entry_id, error)
+            proxy.rejected_apps[entry_id] = str(error)
         return
-    for entry_id, source in proxy.app_sources.items():
-        try:
-            await source.describe_app()
-        except ProxyError as error:
-            log.warning("readiness: GitHub check for %r failed: %s", entry_id, error)
-            continue
-        except Exception:
-            log.exception("readiness: GitHub check for %r failed unexpectedly", entry_id)
-            continue
-        if proxy.app_sources.get(entry_id) is source:  # not replaced by a reload meanwhile
-            proxy.github_ok_at[entry_id] = time.monotonic()
+    except ProxyError as error:
+        log.warning("readiness: GitHub check for %r failed: %s (nothing changes for it)", entry_id, error)
+        return
+    except Exception:
+        log.exception("readiness: GitHub check for %r failed unexpectedly", entry_id)
+        return
+    if proxy.app_sources.get(entry_id) is source:  # not replaced by a reload meanwhile
+        proxy.github_ok_at[entry_id] = time.monotonic()
+        if proxy.rejected_apps.pop(entry_id, None) is not None:
+            log.info("entry %r: GitHub accepts the key again", entry_id)
 
 
 def add_ops_routes(app: web.Application, proxy: Proxy, *, metrics: bool = True, on_git_port: bool = False) -> None:

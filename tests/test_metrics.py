@@ -160,3 +160,47 @@ def test_no_created_twins_and_the_process_collector() -> None:
     text = generate_latest(metrics.registry).decode()
     assert "git_token_proxy_requests_total" in text and "_created" not in text
     assert "process_resident_memory_bytes" in text and "process_start_time_seconds" in text
+
+
+async def test_a_key_github_rejects_makes_readyz_503_at_start_up_without_readiness_settings(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19, item 4: a key of another app was found only at the first clone, while pods went Ready. Each app
+    is proved once at start-up (and after a reload): a definitive refusal is an error line and a 503 naming the
+    entry, with or without readiness.checkGitHub."""
+    import asyncio
+
+    from proxy.testing import generate_app_key, pkcs1_pem
+
+    acme_app.key_file.write_text(pkcs1_pem(generate_app_key()))  # another app's key
+    proxy = await start_proxy(app_config(fake_github.url, acme_app))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.get(f"{proxy}/readyz") as response:
+                status, text = response.status, await response.text()
+            if status == 503:
+                break
+            await asyncio.sleep(0.05)
+    assert status == 503 and "GitHub rejects the key of acme-app" in text and "could not be decoded" in text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "entry 'acme-app'" in r.getMessage()]
+    assert errors and "the private key does not belong to the app" in errors[0]
+
+
+async def test_github_unreachable_at_start_up_leaves_the_proxy_ready(
+    acme_app: AcmeApp, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from tests.conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: a network blip at start-up
+    config = app_config(closed, acme_app, settings={"httpClientTimeout": "1s"})
+    proxy = await start_proxy(config)
+    for _ in range(100):
+        if any("GitHub check for 'acme-app' failed" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    warned = [r for r in caplog.records if "GitHub check for 'acme-app' failed" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING"
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy}/readyz") as response:
+        assert (response.status, await response.text()) == (200, "ready\n")

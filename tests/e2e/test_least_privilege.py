@@ -61,7 +61,8 @@ async def test_missing_wrong_and_other_repo_clients_are_refused(
     other = await git("clone", url(proxy, "acme/other", RUNNER_TOKEN), "other", check=False)
     assert other.returncode != 0
     assert "remote: client 'runner-a' may not access github.com/acme/other" in other.stderr
-    assert fake_github.seen == [] and fake_github.apps.minted_tokens == []  # nothing reached GitHub
+    # Nothing reached GitHub but the start-up check of the app's key (one GET /app).
+    assert [seen.path for seen in fake_github.seen] == ["/app"] and fake_github.apps.minted_tokens == []
 
 
 async def test_read_only_client_clones_but_cannot_push(
@@ -84,7 +85,8 @@ async def test_read_only_entry_refuses_push_before_any_mint(
     pushed = await try_push(git, worktree)
     assert pushed.returncode != 0 and not pushed.prompted
     assert "remote: auth entry 'acme-app' is read-only: pushes to github.com/acme/private are refused" in pushed.stderr
-    assert fake_github.apps.calls == []  # refused before a token was even looked for
+    # Refused before a token was even looked for: the API saw only the start-up check of the key.
+    assert [call.path for call in fake_github.apps.calls] == ["/app"]
     await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "clone")
     assert fake_github.apps.mint_requests == [{"permissions": {"contents": "read"}}]  # readOnly asks for less
 
