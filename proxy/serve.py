@@ -197,19 +197,24 @@ class ConfigWatcher:
             return  # a file is missing or mid-swap: keep what runs, look again later
         if current != self._last:
             log.info("%s or a file it names changed; reloading", self._path)
+            # The files only the new config names are looked at *before* the reload reads them: one that appears
+            # after a rejected reload read it (a Secret landing just after its ConfigMap) is then a change.
+            candidate = await asyncio.to_thread(_loadable, self._path)
+            before = await asyncio.to_thread(_digest, *self._files(candidate))
             if await self._reloader.reload():
                 self._rejected = None
             else:
-                self._rejected = await asyncio.to_thread(_loadable, self._path)
-                current = await asyncio.to_thread(_digest, *self._files()) or current
+                self._rejected, current = candidate, before or current
         self._last = current  # even when rejected: the same content is not retried, nor its rejection logged again
 
-    def _files(self) -> tuple[list[Path], list[Path]]:
-        """The running config's files, and those only the rejected one names (which may not exist yet)."""
+    def _files(self, other: Config | None = None) -> tuple[list[Path], list[Path]]:
+        """The running config's files, and those only the rejected one (or `other`) names (which may not exist
+        yet)."""
         files = _watched_files(self._path, self._proxy.config)
-        if self._rejected is None:
+        hoped = other or self._rejected
+        if hoped is None:
             return files, []
-        return files, [file for file in _watched_files(self._path, self._rejected) if file not in files]
+        return files, [file for file in _watched_files(self._path, hoped) if file not in files]
 
 
 def _loadable(path: Path) -> Config | None:
