@@ -496,7 +496,10 @@ async def create_app(config: Config) -> web.Application:
             await shared.store.close()
         raise
     transfers = TransferWatch(config.server.write_timeout, metrics, config.server.min_body_rate)
-    live = LiveContext(context, transfers, body_slots=asyncio.Semaphore(body_slots(config.server)))
+    slots = body_slots(config.server)
+    live = LiveContext(
+        context, transfers, body_slots=asyncio.Semaphore(slots), body_slots_per_client=max(1, slots // 2)
+    )
     proxy = Proxy(config, live, session, api_session, tokens, metrics, shared, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy

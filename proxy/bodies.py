@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -91,25 +92,31 @@ class Peeked:
             self.held = 0
 
 
-async def peek_body(request: web.Request, limit: int, within: float, budget: HeldBytes) -> Peeked:
+async def peek_body(
+    request: web.Request, limit: int, within: float, budget: HeldBytes, progress: Callable[[int], None]
+) -> Peeked:
     """Read the body whole if it is at most `limit` bytes, arrives within `within` seconds, and fits in `budget`;
     otherwise stop, and say so: what was read is the head of what goes on. Whatever the client's framing
     (Content-Length or chunked), nothing is lost and nothing is refused for its size: the mirror may answer a
-    whole body, and anything else goes upstream as it would without a mirror."""
+    whole body, and anything else goes upstream as it would without a mirror.
+
+    The budget is taken as bytes arrive, not for what a Content-Length promises: a client that declares 16 MiB
+    and drips a byte now and then holds what it sent, not 16 MiB. A body that is not held whole gives its share
+    back at once (its head then only waits to be sent). `progress` hears of each chunk (the transfer watch's
+    byte count)."""
     declared = request.content_length
-    if declared is not None and (declared > limit or not budget.take(declared)):
+    if declared is not None and declared > limit:
         return Peeked(b"", whole=False)
     head = bytearray()
-    held = declared or 0
-    peeked = Peeked(b"", whole=False, held=held, budget=budget)
+    peeked = Peeked(b"", whole=False, budget=budget)
     try:
         async with asyncio.timeout(within):
             while chunk := await request.content.readany():
                 head += chunk
-                if declared is None:
-                    if len(head) > limit or not budget.take(len(chunk)):
-                        break
-                    peeked.held += len(chunk)
+                progress(len(chunk))
+                if len(head) > limit or not budget.take(len(chunk)):
+                    break
+                peeked.held += len(chunk)
             else:
                 peeked.whole = True
     except TimeoutError:
@@ -118,7 +125,9 @@ async def peek_body(request: web.Request, limit: int, within: float, budget: Hel
         peeked.release()
         raise RequestBodyRefused("request body did not arrive whole (the connection broke)") from None
     peeked.head = bytes(head)
-    if peeked.whole and declared is not None and len(head) != declared:
+    if not peeked.whole:
+        peeked.release()
+    elif declared is not None and len(head) != declared:
         peeked.release()
         raise RequestBodyRefused(f"request body has {len(head)} bytes, not the {declared} its Content-Length says")
     return peeked

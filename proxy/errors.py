@@ -87,6 +87,10 @@ class PushNotPermitted(ProxyError):
     """Upstream refused a push (403) with a token the proxy knows lacks the permission to push."""
 
 
+class ProxyBusy(ProxyError):
+    """No upstream connection could be had for a request body in time (server.maxUpstreamConnections)."""
+
+
 class UpstreamBadRedirect(ProxyError):
     """The upstream redirected somewhere the proxy will not follow or pass on."""
 

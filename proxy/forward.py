@@ -42,6 +42,7 @@ from .errors import (
     MethodNotAllowed,
     MisdirectedRequest,
     NotAGitEndpoint,
+    ProxyBusy,
     ProxyError,
     PushNotPermitted,
     RateLimited,
@@ -107,6 +108,7 @@ _STATUS: dict[type[ProxyError], int] = {
     ClientForbidden: 403,
     ReadOnlyRefused: 403,
     PushNotPermitted: 403,
+    ProxyBusy: 503,
     BrowserRequestRefused: 403,
     UpstreamNeedsAuth: 403,
     AppNotInstalled: 403,
@@ -161,6 +163,14 @@ class LiveContext:
     # Upstream connections that requests with a body still arriving may hold at once: the rest of the pool stays
     # for everyone else (an info/refs, a body already here), so that slow pushes cannot starve every clone.
     body_slots: asyncio.Semaphore | None = None
+    body_slots_per_client: int = 1
+    _client_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # by access client (config-bounded)
+
+    def client_slots(self, client: str) -> asyncio.Semaphore:
+        """One client's share of the body slots."""
+        if client not in self._client_slots:
+            self._client_slots[client] = asyncio.Semaphore(self.body_slots_per_client)
+        return self._client_slots[client]
 
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
@@ -192,6 +202,9 @@ class _Exchange:
     credential_kind: str | None = None  # "anonymous" once such a read was answered
     answered: bool = False  # a whole answer went out (upstream's, the mirror's, or the proxy's own refusal)
     cut_by: str | None = None  # who ended a transfer early: "client", "upstream" or "proxy" (a bug)
+
+    def count_in(self, size: int) -> None:
+        self.bytes_in += size
 
     def cut(self, side: str) -> None:
         """The first side to break a transfer is the one that cut it (an abort that follows is its consequence)."""
@@ -365,9 +378,12 @@ async def _forward(
         return _refuse(error, exchange)
     streams_body = request.body_exists and body is None
     # The slot first: waiting for one is the proxy's doing, and no client is judged for it.
-    async with _body_slot(live, request, streams_body):
-        with _watched(live, request, exchange, streams_body):
-            return await _exchange_with_upstream(request, route, context, exchange, body, live.lfs_handles)
+    try:
+        async with _body_slot(live, request, streams_body, exchange.client):
+            with _watched(live, request, exchange, streams_body):
+                return await _exchange_with_upstream(request, route, context, exchange, body, live.lfs_handles)
+    except ProxyBusy as error:
+        return _refuse(error, exchange)
 
 
 @contextlib.contextmanager
@@ -380,14 +396,34 @@ def _watched(live: LiveContext, request: web.Request, exchange: _Exchange, strea
         live.transfers.remove(exchange)
 
 
+# A request whose body is still arriving waits this long for a body slot, then gets a 503 with the reason: never a
+# push left hanging without a word.
+BODY_SLOT_WAIT = 30.0
+
+
 @contextlib.asynccontextmanager
-async def _body_slot(live: LiveContext, request: web.Request, streams_body: bool) -> AsyncIterator[None]:
-    """A request whose body is still arriving takes one of the body slots for its exchange. A body that has
-    all arrived already (every small POST: ls-refs, a fetch's wants) needs none."""
+async def _body_slot(
+    live: LiveContext, request: web.Request, streams_body: bool, client: str | None
+) -> AsyncIterator[None]:
+    """A request whose body is still arriving takes one of the body slots for its exchange, and, with access
+    control on, one of its client's share (half of them), so that one client's slow bodies cannot take every
+    slot from the others. A body that has all arrived already (every small POST: ls-refs, a fetch's wants)
+    needs none. ProxyBusy when none comes free within BODY_SLOT_WAIT."""
     if live.body_slots is None or not streams_body or request.content.is_eof():
         yield
         return
-    async with live.body_slots:
+    async with contextlib.AsyncExitStack() as held:
+        semaphores = [live.body_slots] if client is None else [live.client_slots(client), live.body_slots]
+        for semaphore in semaphores:
+            try:
+                async with asyncio.timeout(BODY_SLOT_WAIT):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise ProxyBusy(
+                    "every upstream connection for request bodies still arriving is taken "
+                    f"(server.maxUpstreamConnections) after {BODY_SLOT_WAIT:.0f} s; try again"
+                ) from None
+            held.callback(semaphore.release)
         yield
 
 
@@ -404,7 +440,9 @@ async def _exchange_with_upstream(
             and context.mirror.covers(route.matched)
         ):
             assert context.held_bodies is not None
-            peeked = await peek_body(request, MIRROR_BODY_LIMIT, context.body_timeout, context.held_bodies)
+            peeked = await peek_body(
+                request, MIRROR_BODY_LIMIT, context.body_timeout, context.held_bodies, exchange.count_in
+            )
             served = await _serve_from_mirror(request, route, context, exchange, peeked)
             if served is not None:
                 return served
@@ -476,7 +514,7 @@ async def _serve_from_mirror(
     if exchange.fallback is not None and route.entry is not None:  # a public repo, proven readable anonymously
         exchange.credential_kind = "anonymous"
         context.metrics.anonymous_fallbacks.labels(route.entry.id).inc()
-    exchange.mirror, exchange.request_sent, exchange.bytes_in = answer.outcome, True, len(raw)
+    exchange.mirror, exchange.request_sent = answer.outcome, True
     return await _stream_mirror_answer(request, answer, exchange, context.metrics)
 
 
@@ -644,9 +682,12 @@ async def _serve_lfs_object(
     except ProxyError as error:
         return _refuse(error, exchange)
     uploads = action.method == "PUT"
-    async with _body_slot(live, request, uploads):
-        with _watched(live, request, exchange, uploads):
-            return await _exchange_with_storage(request, context, exchange, action, storage, body)
+    try:
+        async with _body_slot(live, request, uploads, exchange.client):
+            with _watched(live, request, exchange, uploads):
+                return await _exchange_with_storage(request, context, exchange, action, storage, body)
+    except ProxyBusy as error:
+        return _refuse(error, exchange)
 
 
 def _refuse_lfs_write(client: Client | None, action: StorageAction, router: Router) -> None:
@@ -1063,10 +1104,11 @@ def _request_body(
       connection rather than leave it waiting for the rest); or chunked, as the client sent it. A body the proxy
       began to read (a Peeked head) is streamed the same way: the head first, then the rest as it comes.
     The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all."""
-    if isinstance(inspected, Peeked) and inspected.whole:
-        inspected = inspected.head
     if isinstance(inspected, bytes):
         exchange.bytes_in += len(inspected)
+    if isinstance(inspected, Peeked) and inspected.whole:
+        inspected = inspected.head  # counted in as it was read (peek_body's progress)
+    if isinstance(inspected, bytes):
         exchange.request_sent = True
         # aiohttp writes a large bytes body in one go, blocking the loop meanwhile; from a BytesIO, in chunks.
         data: bytes | io.BytesIO = io.BytesIO(inspected) if len(inspected) > _ONE_WRITE else inspected
@@ -1083,9 +1125,8 @@ async def _streamed(
 ) -> AsyncIterator[bytes]:
     received = 0
     try:
-        if head:
+        if head:  # counted in when it was read
             received += len(head)
-            exchange.bytes_in += len(head)
             yield head
         async for chunk in content.iter_any():
             received += len(chunk)

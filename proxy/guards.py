@@ -45,6 +45,8 @@ def check_host(request: web.Request, allowed_hosts: frozenset[str], ip_literals:
 
 def _is_ip_literal(name: str) -> bool:
     bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if "%" in bare:
+        return False  # an IPv6 zone id is text of any kind: not an address a probe would name
     try:
         ipaddress.ip_address(bare)
     except ValueError:

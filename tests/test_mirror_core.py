@@ -267,6 +267,29 @@ async def test_a_commit_a_rewound_ref_left_behind_is_not_served(
     assert missing.returncode != 0
 
 
+@pytest.mark.parametrize("version", [2, 0])
+async def test_a_shallow_boundary_upstream_no_longer_reaches_brings_nothing_purged(
+    fake_github: FakeGitHub, credential: Credential, mirror: Mirror, tmp_path: Path, version: int
+) -> None:
+    """The red team's second way to a purged commit: want a commit upstream still has, claim a shallow boundary
+    past the purge (`shallow <S2>`), and deepen without bound: upload-pack "unshallows" S2 and sends its parents,
+    S1 with the secret among them. Shallow ids must be reached by upstream's refs too."""
+    fake_github.create_repo("acme/app", FILES)
+    url = upstream_url(fake_github, "acme/app")
+    base = fake_github.head("acme/app")
+    fake_github.commit("acme/app", "secret.txt", b"a key pushed by mistake\n")
+    s2 = fake_github.commit("acme/app", "later.txt", b"and a commit on top\n")
+    answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(s2), "version=2", url, credential)
+    assert answer is not None
+    await read_all(answer)
+    fake_github.purge("acme/app", "main", base)
+
+    args = (f"shallow {s2}", "deepen 2147483647")
+    body = v2_fetch(base, args=args) if version == 2 else v0_fetch(base, args=args)
+    protocol = "version=2" if version == 2 else None
+    assert await mirror.answer_pack(repo_ref("acme/app"), body, protocol, url, credential) is None  # upstream's
+
+
 async def test_sixteen_concurrent_cold_requests_cause_one_upstream_fetch(
     fake_github: FakeGitHub, credential: Credential, mirror: Mirror, metrics: Metrics
 ) -> None:

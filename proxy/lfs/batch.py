@@ -122,8 +122,8 @@ def _refuse_constant(name: str) -> object:
 # (a hostile batch API must not make each of the store's handles hold a megabyte).
 MAX_HREF = 16 * 1024
 MAX_HEADERS = 16 * 1024
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 def _storage_action(
@@ -145,7 +145,8 @@ def _storage_headers(action: dict[str, object], dropped: list[str]) -> tuple[tup
     header = action.get("header") or {}
     if not isinstance(header, dict) or not all(isinstance(v, str) for v in header.values()):
         raise UpstreamBadResponse("LFS batch answer: an action header that is not a map of strings")
-    if not all(_HEADER_NAME.match(str(k)) and _HEADER_VALUE.match(v) for k, v in header.items()):
+    # fullmatch: `$` alone also matches before a final newline, which would let "x-amz-date\n" through.
+    if not all(_HEADER_NAME.fullmatch(str(k)) and _HEADER_VALUE.fullmatch(v) for k, v in header.items()):
         raise UpstreamBadResponse("LFS batch answer: an action header with characters no header may hold")
     if len(str(action["href"])) > MAX_HREF or sum(len(str(k)) + len(v) for k, v in header.items()) > MAX_HEADERS:
         raise UpstreamBadResponse("LFS batch answer: an action href or header too long to keep")

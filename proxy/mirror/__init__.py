@@ -110,11 +110,15 @@ class Mirror:
             self._filler.note_short(slot)
             return None  # upstream's refs do not reach them: upstream answers
         # In a clean mirror (CLEAN_MARK) every object is one the refs reach; otherwise each want is checked, and
-        # the mirror is pruned in the background.
+        # the mirror is pruned in the background. The client's `shallow` commits are checked either way: with a
+        # deepen, upload-pack sends their parents ("unshallow"), so a shallow id that no ref reaches would bring
+        # what a purged commit held, whatever the wants.
+        checked = list(request.shallow)
         if not await self._store.is_clean(slot):
             self._maintenance.note_unclean(slot)
-            if not await self._git.all_reachable(slot.path, request.wants):
-                return None
+            checked += request.wants
+        if checked and not await self._git.all_reachable(slot.path, checked):
+            return None
         outcome: Literal["hit", "filled"] = "hit" if had_them else "filled"
         run = await start_upload_pack(
             self._git, slot.path, body, git_protocol, lambda failed: self._upload_pack_ended(slot, failed)

@@ -16,6 +16,7 @@ log = logging.getLogger("git_token_proxy.mirror")
 # A pass runs this often, and also soon after every fill (which is what makes a mirror grow).
 MAINTENANCE_INTERVAL_SECONDS = 300.0
 PRUNE_PAUSE = 600.0  # the least time between two prunes of one repo (a prune rewrites its packs)
+PRUNE_RETRY = 5.0  # a prune put off because its repo was busy is tried again this soon
 
 
 class MirrorMaintenance:
@@ -34,20 +35,30 @@ class MirrorMaintenance:
         self._wake.set()
 
     def note_unclean(self, slot: MirrorSlot) -> None:
+        """Woken once per repo: a pass that finds the repo busy tries again PRUNE_RETRY later (run_forever)."""
         if slot.key not in self._unclean:
             self._unclean.add(slot.key)
             self._wake.set()
 
     async def run_forever(self) -> None:
-        """Never ends on its own and survives any failure: the next pass tries again."""
+        """Never ends on its own and survives any failure: the next pass tries again. A full pass runs every
+        interval and when woken (a fill); a prune put off because its repo was busy is tried again alone, soon."""
+        full_pass_at = 0.0
         while True:
             try:
-                await self.run_once()
+                if self._wake.is_set() or time.monotonic() >= full_pass_at:
+                    self._wake.clear()
+                    full_pass_at = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
+                    await self.run_once()
+                else:
+                    await self._prune_unclean()
             except Exception:
                 log.exception("mirror maintenance failed; trying again in %.0f s", MAINTENANCE_INTERVAL_SECONDS)
+            wait = full_pass_at - time.monotonic()
+            if self._prunes_due():
+                wait = min(wait, PRUNE_RETRY)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), MAINTENANCE_INTERVAL_SECONDS)
-            self._wake.clear()
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.0))
 
     async def run_once(self) -> None:
         await self._store.prepare()
@@ -57,6 +68,11 @@ class MirrorMaintenance:
         if evicted:
             self._metrics.mirror_evictions.inc(evicted)
         self._metrics.mirror_disk_bytes.set(left)
+
+    def _prunes_due(self) -> bool:
+        """A repo waits to be pruned that is not in its pause after a prune."""
+        now = time.monotonic()
+        return any(now - self._pruned_at.get(key, -PRUNE_PAUSE) >= PRUNE_PAUSE for key in self._unclean)
 
     async def _prune_unclean(self) -> None:
         """Mirrors whose refs were rewound are pruned to what their refs reach, so that blob and tree wants are

@@ -81,7 +81,7 @@ async def test_F2b_a_huge_expires_in_through_http_is_never_a_500(
 
 
 # ---------------------------------------------------------------- F3: CR/LF or non-latin-1 in an action header
-@pytest.mark.parametrize("value", ["RemoteAuth abc\r\nX-Injected: 1"])
+@pytest.mark.parametrize("value", ["RemoteAuth abc\r\nX-Injected: 1", "RemoteAuth abc\n"])  # `$` matched before \n
 async def test_F3_bad_action_header_is_refused_not_a_500(
     fake_github: FakeGitHub, lfs: FakeLfs, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, value: str
 ) -> None:
@@ -290,4 +290,15 @@ async def test_a_storage_content_type_with_a_control_character_is_a_502_not_a_50
                 assert got.status == 502 and "control character" in await got.text()
     finally:
         await storage.close()
+    assert "Traceback" not in caplog.text
+
+
+async def test_an_action_header_name_ending_in_a_newline_is_refused_with_the_answer(
+    fake_github: FakeGitHub, lfs: FakeLfs, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    oid = lfs.add_object(b"newline\n")
+    lfs.action_headers = {"x-amz-meta\n": "v"}
+    proxy = await start_proxy(lfs_config(fake_github, lfs))
+    status, _, text = await batch(proxy, "download", oid, 8)
+    assert status == 502 and "characters no header may hold" in text
     assert "Traceback" not in caplog.text

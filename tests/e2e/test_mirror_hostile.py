@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -296,8 +297,9 @@ async def test_a_chunked_pack_request_over_the_mirrors_limit_goes_upstream_whole
 async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
     start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
 ) -> None:
-    """Three pack requests of 12 MiB, their bodies pending: with mirror.maxHeldBodies at 30 MiB the proxy holds two
-    and passes the third on as it comes (upstream sees it start), instead of holding 36 MiB. All three complete."""
+    """Three pack requests of 12 MiB, 1 MiB of each sent, the rest pending: with mirror.maxHeldBodies at 2 MiB the
+    proxy holds the first two's megabyte and passes the third on as it comes (upstream sees it start), instead of
+    holding all three. The budget counts bytes that arrived, not what a Content-Length promises. All complete."""
     started: list[int] = []
     finished: list[int] = []
 
@@ -306,7 +308,7 @@ async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
         finished.append(sum([len(chunk) async for chunk in request.content.iter_any()]))
         return web.Response(status=200, content_type="application/x-git-upload-pack-result")
 
-    config = mirror_in_front_of(await upstream_app(handler), tmp_path / "m", maxHeldBodies="30MiB")
+    config = mirror_in_front_of(await upstream_app(handler), tmp_path / "m", maxHeldBodies="2MiB")
     proxy = await start_proxy(config)
     size = 12 << 20
     port = int(proxy.rsplit(":", 1)[1])
@@ -330,3 +332,39 @@ async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 20)).startswith(b"HTTP/1.1 200")
         writer.close()
     assert sorted(finished) == [size, size, size]
+
+
+async def test_bodies_that_promise_much_and_send_little_do_not_switch_the_mirror_off(
+    fake_github: FakeGitHub, start_proxy: StartProxy, git: Git, tmp_path: Path
+) -> None:
+    """Red team, round 4: four connections declaring 16 MiB and dripping took the whole budget for hours, and every
+    other pack request bypassed the mirror. The budget now counts what arrived: a clone meanwhile is served."""
+    setup_repo(fake_github)
+    config = mirror_config(fake_github, tmp_path / "m")
+    config["mirror"]["maxHeldBodies"] = "32MiB"
+    proxy = await start_proxy(config)
+    await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "warm")
+    port = int(proxy.rsplit(":", 1)[1])
+    writers = []
+    for _ in range(4):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /github.com/acme/private.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/x-git-upload-pack-request\r\nGit-Protocol: version=2\r\n"
+                     b"Content-Length: 16000000\r\n\r\n0014command=fetch\n")  # fmt: skip
+        await writer.drain()
+        writers.append(writer)
+    try:
+        await asyncio.sleep(0.3)
+        before = await _mirror_hits(proxy)
+        await git("clone", "--quiet", f"{proxy}/github.com/acme/private", "meanwhile")
+        assert await _mirror_hits(proxy) == before + 1, "the clone's pack came from upstream: the mirror was off"
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def _mirror_hits(proxy: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy}/metrics") as response:
+        text = await response.text()
+    found = re.search(r'git_token_proxy_mirror_requests_total\{outcome="hit"\} ([0-9.]+)', text)
+    return float(found.group(1)) if found else 0.0

@@ -219,6 +219,8 @@ async def test_probes_on_the_git_port_answer_a_pod_ip_as_host(
         assert status == 200, path
     status, _, _ = await raw_request(proxy, INFO_REFS, headers={"Host": "10.1.2.3:8080"})  # git paths: as before
     assert status == 421 and trap.accepted == 0
+    for zoned in ("[fe80::1%evil.example]:8080", "[fe80::1%25rebind.attacker.example]"):  # a zone id is any text
+        assert (await raw_request(proxy, "/metrics", headers={"Host": zoned}))[0] == 421
 
 
 async def test_metrics_on_the_git_port_need_a_client_token_when_access_control_is_on(
@@ -533,3 +535,36 @@ async def test_bodies_dripped_a_byte_at_a_time_neither_hold_the_pool_nor_outlast
     assert answers == [b"", b"", b""]  # each cut in its turn, without an answer a client could take for one
     cut = [m for r in caplog.records if "aborting the transfer" in (m := r.getMessage()) and "minBodyRate" in m]
     assert len(cut) == 3, "each drip was cut for its rate"
+
+
+async def test_one_clients_slow_bodies_take_at_most_half_of_the_body_slots(
+    start_proxy: StartProxy, upstream_app: UpstreamApp
+) -> None:
+    """With access control on, a client's bodies still arriving take at most half of the body slots: another
+    client's push goes upstream while the first one's fill its share (red team, round 4)."""
+    arrived: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        arrived.append(request.headers.get("X-Marker", "?"))
+        await request.read()
+        return web.Response(text="ok")
+
+    config = config_for(await upstream_app(handler))
+    config["server"] = {"maxUpstreamConnections": 4}  # three body slots; a client's share: one
+    config["access"] = {"clients": [{"name": "a", "token": "token-of-client-a-0001", "repos": [".*"]},
+                                    {"name": "b", "token": "token-of-client-b-0001", "repos": [".*"]}]}  # fmt: skip
+    proxy = await start_proxy(config)
+    port = port_of(proxy)
+    writers = []
+    for token in ("token-of-client-a-0001", "token-of-client-a-0001", "token-of-client-b-0001"):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        credential = base64.b64encode(f"x:{token}".encode()).decode()
+        writer.write(b"POST /github.com/acme/private.git/git-receive-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Basic %s\r\nContent-Length: 100000\r\n\r\n0" % credential.encode())  # fmt: skip
+        await writer.drain()
+        writers.append(writer)
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    assert len(arrived) == 2, "client a's second body should wait for its share, client b's should not"
+    for writer in writers:
+        writer.close()
