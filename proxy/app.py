@@ -20,7 +20,15 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import __version__
 from .access import AccessControl
 from .bodies import HeldBytes
-from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry, ServerConfig
+from .config import (
+    Config,
+    ConfigError,
+    GitHubAppEntry,
+    OAuthTokenEntry,
+    ServerConfig,
+    auth_entries,
+    with_server_settings,
+)
 from .credentials import CredentialSource
 from .credentials.cache import TokenCache
 from .credentials.keys import AppKey, load_app_key
@@ -281,6 +289,7 @@ class Proxy:
     shared: SharedTier | None = None  # cache.redis: fixed at start-up, like the token cache itself
     mirror: MirrorService | None = None  # mirror.dir: fixed at start-up too
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
+    server_overrides: dict[str, object] = field(default_factory=dict)  # --metrics-port and -host over the file's
     draining: bool = False
     stopping_since: float | None = None  # monotonic: when the drain began (serve sets it), for the grace left
     github_ok_at: dict[str, float] = field(default_factory=dict)  # entry id -> monotonic time of a good GET /app
@@ -299,6 +308,7 @@ class Proxy:
 
     async def reload(self, config: Config) -> None:
         """Raises ConfigError and changes nothing when the new config cannot be built."""
+        config = with_server_settings(config, self.server_overrides)  # flags win over every version of the file
         # The socket stays where it is: a new file must not drop access control from a public address.
         config.server.refuse_unsafe_bind(self.bound_host or config.server.host, has_clients=bool(config.access.clients))
         previous = self.live.current.sources
@@ -321,7 +331,9 @@ class Proxy:
             del self.github_ok_at[entry_id]  # a new or changed source must prove itself against GitHub again
         self.generation += 1
         self.reloaded.set()
-        log.info("configuration reloaded: %d auth entries (%d kept with their caches)", len(context.sources), len(kept))
+        log.info(
+            "configuration reloaded: %s (%d kept with their caches)", auth_entries(len(context.sources)), len(kept)
+        )
 
     def _warn_about_restart_only_changes(self, config: Config) -> None:
         def cache_settings(c: Config) -> tuple[float, float, int]:
@@ -527,5 +539,7 @@ async def create_app(config: Config) -> web.Application:
     # Handles the proxy itself gave out in LFS batch answers; `/_lfs` can never be an upstream host's path.
     app.router.add_route("*", "/_lfs/{handle}", forward_lfs_object)
     app.router.add_route("*", "/{path:.*}", forward_request)
-    log.debug("git-token-proxy %s: %d upstreams, %d auth entries", __version__, len(config.upstreams), len(config.auth))
+    log.debug(
+        "git-token-proxy %s: %d upstream(s), %s", __version__, len(config.upstreams), auth_entries(len(config.auth))
+    )
     return app

@@ -13,7 +13,7 @@ import aiohttp
 import re2
 
 from .app import build_api_session, build_credential_sources, build_router, build_token_cache, load_app_keys
-from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry, UpstreamConfig
+from .config import Config, ConfigError, GitHubAppEntry, OAuthTokenEntry, UpstreamConfig, auth_entries
 from .credentials import CredentialSource
 from .credentials.github_app import GitHubAppSource
 from .credentials.redis_store import RedisStore
@@ -71,7 +71,7 @@ async def run_check(config: Config, source_name: str, repo: str | None, allow_em
             await _check_repo(repo, router, sources, session, report)
     report.print_table()
     failures = report.failures
-    print(f"{source_name}: {'OK' if not failures else f'{failures} problem(s)'}, {len(config.auth)} auth entries")
+    print(f"{source_name}: {'OK' if not failures else f'{failures} problem(s)'}, {auth_entries(len(config.auth))}")
     return 1 if failures else 0
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import difflib
 import errno
 import logging
+import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from . import __version__
@@ -47,8 +50,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        """One line instead of argparse's usage block: the mistake, and where the usage is."""
-        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        """One line instead of argparse's usage block: the mistake, a guess at what was meant, and where the
+        usage is."""
+        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: {message}{_did_you_mean(message)} (see {self.prog} --help)\n")
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def _did_you_mean(message: str) -> str:
+    """`serv` → `serve`: argparse names the choices; difflib finds the closest."""
+    found = _INVALID_CHOICE.search(message)
+    if found is None:
+        return ""
+    choices = re.findall(r"'([^']*)'", found.group(2))
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _log_level(text: str) -> str:
@@ -57,52 +74,138 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _command(
+    commands: argparse._SubParsersAction[_Parser], name: str, summary: str, examples: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+_SERVE_EXAMPLES = """\
+  git-token-proxy serve --config /etc/git-token-proxy/config.yaml --watch
+  GIT_TOKEN_PROXY_CLIENT_ID=Iv23li... GIT_TOKEN_PROXY_PRIVATE_KEY=./app.pem git-token-proxy serve
+  git-token-proxy serve --config ./fake/config.yaml --log-format text      (after python -m proxy.testing)
+
+Every flag has a GIT_TOKEN_PROXY_* variable (in brackets); a flag wins over its variable."""
+_CHECK_EXAMPLES = """\
+  git-token-proxy check --config config.yaml
+  git-token-proxy check --config config.yaml --repo github.com/acme/app     (also looks it up and mints)"""
+_HEALTH_EXAMPLES = """\
+  git-token-proxy healthcheck --port 8080
+  git-token-proxy healthcheck --ready --config /etc/git-token-proxy/config.yaml
+In a container whose PID 1 is `git-token-proxy serve`, its flags are used: HEALTHCHECK needs none."""
+_DEMO_EXAMPLES = """\
+  git-token-proxy demo"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="git-token-proxy", description="Git smart-HTTP proxy that adds GitHub tokens so clients need none."
+        prog="git-token-proxy",
+        description="Git smart-HTTP proxy that adds GitHub tokens so clients need none.",
+        epilog="Run `git-token-proxy COMMAND --help` for a command's own arguments and examples.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy (from --config FILE, or GIT_TOKEN_PROXY_* variables)")
-    sources.add_arguments(serve)
-    serve.add_argument("--log-level", type=_log_level, default="INFO", help=", ".join(LOG_LEVELS))
-    serve.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="json lines, or text for terminals")
+    serve = _command(
+        commands, "serve", "run the proxy (from --config PATH, or GIT_TOKEN_PROXY_* variables)", _SERVE_EXAMPLES
+    )
+    sources.add_arguments(serve, sources.CONFIG, *sources.LISTEN_VARIABLES, *sources.APP_VARIABLES)
+    _add_logging(serve, "INFO", with_format=True)
     serve.add_argument("--watch", action="store_true", help="reload the config when the file changes (also: SIGHUP)")
     serve.set_defaults(run=_serve)
 
-    check = commands.add_parser("check", help="validate a config, prove its credentials, list its auth entries")
-    sources.add_arguments(check)
-    check.add_argument("--repo", help="also resolve this repo (e.g. github.com/acme/app), look it up and mint")
+    check = _command(
+        commands, "check", "validate a config, prove its credentials, list its auth entries", _CHECK_EXAMPLES
+    )
+    sources.add_arguments(check, sources.CONFIG, *sources.APP_VARIABLES)
+    check.add_argument(
+        "--repo", metavar="HOST/OWNER/REPO", help="also resolve this repo (github.com/acme/app), look it up and mint"
+    )
     check.add_argument("--allow-empty", action="store_true", help="a config without auth entries passes")
-    check.add_argument("--log-level", type=_log_level, default="WARNING")
+    _add_logging(check, "WARNING")
     check.set_defaults(run=_check)
 
-    health = commands.add_parser("healthcheck", help="ask the running proxy's /healthz (for Docker's HEALTHCHECK)")
-    sources.add_arguments(health)
+    health = _command(
+        commands, "healthcheck", "ask the running proxy's /healthz (for Docker's HEALTHCHECK)", _HEALTH_EXAMPLES
+    )
+    sources.add_arguments(health, sources.CONFIG, *sources.LISTEN_VARIABLES)
     health.add_argument("--ready", action="store_true", help="ask /readyz instead")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="give up after (default 3)")
     health.set_defaults(run=_healthcheck)
 
-    demo = commands.add_parser("demo", help="clone a private repo from a local fake GitHub through the proxy")
-    demo.add_argument("--log-level", type=_log_level, default="WARNING")
+    demo = _command(commands, "demo", "clone a private repo from a local fake GitHub through the proxy", _DEMO_EXAMPLES)
+    _add_logging(demo, "WARNING")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser, default: str, with_format: bool = False) -> None:
+    """Defaults come from GIT_TOKEN_PROXY_LOG_LEVEL and _LOG_FORMAT when set (resolved in `_logging_settings`, so
+    that a bad value names its variable)."""
+    parser.add_argument(
+        "--log-level", type=_log_level, default=None, metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)} (default {default}) [{sources.LOG_LEVEL.env}]",
+    )  # fmt: skip
+    parser.set_defaults(default_log_level=default)
+    if with_format:
+        parser.add_argument(
+            "--log-format", choices=LOG_FORMATS, default=None,
+            help=f"json lines (the default), or text for terminals [{sources.LOG_FORMAT.env}]",
+        )  # fmt: skip
+
+
+def _logging_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The log level and format: a flag, else its variable, else the command's default."""
+    level = args.log_level
+    if level is None:
+        from_environment = environ.get(sources.LOG_LEVEL.env, "").strip()
+        if from_environment and from_environment.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"{sources.LOG_LEVEL.env}: {from_environment!r} is not a log level; use one of {', '.join(LOG_LEVELS)}"
+            )
+        level = from_environment.upper() or args.default_log_level
+    log_format = getattr(args, "log_format", None)
+    if log_format is None:
+        from_environment = environ.get(sources.LOG_FORMAT.env, "").strip().lower()
+        if from_environment and from_environment not in LOG_FORMATS:
+            raise ConfigError(f"{sources.LOG_FORMAT.env}: {from_environment!r} is not json or text")
+        log_format = from_environment or "json"
+    return level, log_format
+
+
+def _warn_unknown_variables(loaded: sources.LoadedConfig) -> None:
+    text = ""
+    if loaded.path is not None:
+        with contextlib.suppress(OSError):
+            text = loaded.path.read_text(errors="replace")
+    for warning in sources.unknown_variables(os.environ, text):
+        log.warning("%s", warning)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
+    level, log_format = _logging_settings(args)
     loaded = sources.load(args)
     sources.check_keys(loaded)
     config = loaded.config
     config.server.refuse_unsafe_bind(loaded.host, has_clients=bool(config.access.clients))
-    redactor = configure_logging(args.log_level, secrets=config.secrets, log_format=args.log_format)
+    redactor = configure_logging(level, secrets=config.secrets, log_format=log_format)
     try:
         _try_listening(loaded)
+        _warn_unknown_variables(loaded)
         _log_start_up(loaded)
         reload_from = sources.reloadable_path(loaded)
-        return asyncio.run(serve(config, reload_from, loaded.host, loaded.port, args.watch, redactor))
+        return asyncio.run(
+            serve(config, reload_from, loaded.host, loaded.port, args.watch, redactor, loaded.server_overrides)
+        )
     except OSError as error:
         raise StartupError(_listen_problem(error, loaded)) from None
 
@@ -126,6 +229,10 @@ def _log_start_up(loaded: sources.LoadedConfig) -> None:
         log.warning("listening on %s, which is not a loopback address", loaded.host)
     for line in insteadof_lines(loaded.config, loaded.host, loaded.port):
         log.info("clients: %s", line)
+    if loaded.config.access.clients and loaded.port != 0:
+        # With access control, git must also send a client token: without it, it asks for a password.
+        proxy = f"http://{sources.client_address(loaded.host, loaded.port)}"
+        log.info("clients: and their token, from a file: %s", credential_line(proxy))
     for entry in loaded.config.auth:
         if isinstance(entry, GitHubAppEntry) and entry.client_id and entry.app_id is not None:
             log.warning(
@@ -133,6 +240,12 @@ def _log_start_up(loaded: sources.LoadedConfig) -> None:
                 "(`git-token-proxy check` tells whether appId %d is the same app)",
                 entry.id, entry.client_id, entry.app_id,
             )  # fmt: skip
+
+
+def credential_line(proxy: str) -> str:
+    """A credential helper that answers git with the token in a file (never in the URL, nor in git's config)."""
+    helper = '!f() { test "$1" = get && echo username=client && echo "password=$(cat ~/.git-token-proxy-token)"; }; f'
+    return f"git config --global credential.{proxy}.helper '{helper}'"
 
 
 def insteadof_lines(config: Config, host: str, port: int) -> list[str]:
@@ -174,14 +287,16 @@ def _listen_problem(error: OSError, loaded: sources.LoadedConfig) -> str:
 def _check(args: argparse.Namespace) -> int:
     from .check import run_check
 
-    configure_logging(args.log_level)
+    level, _ = _logging_settings(args)
+    configure_logging(level)
     loaded = sources.load(args)
     sources.check_keys(loaded)
+    _warn_unknown_variables(loaded)
     return asyncio.run(run_check(loaded.config, loaded.source, args.repo, allow_empty=args.allow_empty))
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from .healthcheck import probe, serve_args_of_pid1
+    from .healthcheck import address_url, probe, probe_url, serve_args_of_pid1
 
     # In a container, PID 1 is the `serve` to ask about: its flags (say `--port 9000`) count, not only the
     # variables both processes share. Elsewhere, the healthcheck's own flags and variables.
@@ -189,11 +304,16 @@ def _healthcheck(args: argparse.Namespace) -> int:
     serve_argv = None if sources.settings_of(args, {}) else serve_args_of_pid1()
     if serve_argv is not None:
         args = _parser().parse_args(["serve", *serve_argv])
-    return probe(sources.load(args), ready=ready, timeout=timeout)
+    settings = sources.settings_of(args, os.environ)
+    needs_config = sources.CONFIG in settings or any(v in settings for v in sources.APP_VARIABLES)
+    if sources.PORT in settings and not needs_config:  # a port is all a probe needs
+        port = sources.parse_port(settings[sources.PORT], sources.PORT.label)
+        return probe(address_url(settings.get(sources.HOST, "127.0.0.1"), port, ready), timeout)
+    return probe(probe_url(sources.load(args), ready), timeout)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # the demo pulls in the test fake; serve never needs it
 
-    configure_logging(args.log_level)
+    configure_logging(_logging_settings(args)[0])
     return asyncio.run(run_demo())

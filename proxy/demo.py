@@ -101,7 +101,7 @@ async def _run(root: Path, fake: FakeGitHub, runners: list[web.AppRunner]) -> in
     for title, repo, folder in (
         ("first clone: the proxy signs a JWT, finds the installation and mints a token", REPO, "clone-1"),
         ("second clone of the same repo: the cached token, no GitHub API call", REPO, "clone-2"),
-        ("another repo of the same installation: one look-up, the same token", OTHER_REPO, "clone-3"),
+        ("another repo of the same owner: its installation and token are known, no API call", OTHER_REPO, "clone-3"),
     ):
         if not await _clone_and_report(fake, env, root, title, repo, folder):
             return 1
@@ -143,6 +143,10 @@ async def _clone_and_report(fake: FakeGitHub, env: dict[str, str], root: Path, t
     readme = (root / folder / "README.md").read_text().splitlines()[0]
     new_lookups, new_mints = fake.apps.count("lookup") - lookups, fake.apps.count("mint") - mints
     print(f"    cloned in {elapsed * 1000:.0f} ms; README.md: {readme}")
-    print(f"    GitHub API calls: {new_lookups} installation look-up, {new_mints} token mint"
+    print(f"    GitHub API calls: {_count(new_lookups, 'installation look-up')}, {_count(new_mints, 'token mint')}"
           f"{'  (cache hit)' if not new_lookups and not new_mints else ''}")  # fmt: skip
     return True
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from .config import Config, ConfigError, GitHubAppEntry, load_config, parse_config
+from .config import Config, ConfigError, GitHubAppEntry, load_config, parse_config, with_server_settings
 from .credentials.keys import load_app_key
 from .pem import key_file_of
 
@@ -36,6 +37,7 @@ class Variable:
     name: str
     help: str
     location: str = ""  # the config key it becomes, for messages
+    metavar: str = "VALUE"  # what it takes, in --help
 
     @property
     def env(self) -> str:
@@ -54,42 +56,85 @@ class Variable:
         return f"{self.env} ({self.flag})"
 
 
-CLIENT_ID = Variable("CLIENT_ID", "the GitHub App's Client ID (Iv23li...)", f"{ENTRY_LOCATION}.clientId")
+CLIENT_ID = Variable(
+    "CLIENT_ID", "the GitHub App's Client ID (Iv23li...)", f"{ENTRY_LOCATION}.clientId", metavar="CLIENT_ID"
+)
 APP_ID = Variable(
-    "APP_ID", "the app's numeric id, instead of a Client ID (GHES before 3.14)", f"{ENTRY_LOCATION}.appId"
+    "APP_ID", "the app's numeric id, instead of a Client ID (GHES before 3.14)", f"{ENTRY_LOCATION}.appId", "NUMBER"
 )
 PRIVATE_KEY = Variable(
-    "PRIVATE_KEY", "the app's private key: a path to the .pem, or the PEM itself", f"{ENTRY_LOCATION}.privateKey"
+    "PRIVATE_KEY",
+    "the app's private key: a path to the .pem, or the PEM itself",
+    f"{ENTRY_LOCATION}.privateKey",
+    "PATH|PEM",
+)
+# git-sync's spelling (GITSYNC_GITHUB_APP_PRIVATE_KEY_FILE): a path only.
+PRIVATE_KEY_FILE = Variable(
+    "PRIVATE_KEY_FILE",
+    "the app's private key as a path only (git-sync's habit)",
+    f"{ENTRY_LOCATION}.privateKey",
+    "PATH",
 )
 INSTALLATION_ID = Variable(
-    "INSTALLATION_ID", "skip the installation look-up (optional)", f"{ENTRY_LOCATION}.installationId"
+    "INSTALLATION_ID", "skip the installation look-up (optional)", f"{ENTRY_LOCATION}.installationId", "NUMBER"
 )
-GITHUB_URL = Variable("GITHUB_URL", "https://github.com (the default), or a GitHub Enterprise Server", "upstreams[0]")
+GITHUB_URL = Variable(
+    "GITHUB_URL", "https://github.com (the default), or a GitHub Enterprise Server", "upstreams[0]", "URL"
+)
 UPSTREAM_URL = Variable(
     "UPSTREAM_URL",
     "where GITHUB_URL's host really is (a mirror; the fake of `python -m proxy.testing`): paths keep its host",
     "upstreams[0].url",
+    "URL",
 )
 API_URL = Variable(
-    "API_URL", "the REST API (default: https://api.github.com, or <GITHUB_URL>/api/v3)", f"{ENTRY_LOCATION}.apiUrl"
+    "API_URL",
+    "the REST API (default: https://api.github.com, or <GITHUB_URL>/api/v3)",
+    f"{ENTRY_LOCATION}.apiUrl",
+    "URL",
 )
-READ_ONLY = Variable("READ_ONLY", "true: refuse pushes and mint contents:read tokens", f"{ENTRY_LOCATION}.readOnly")
-APP_VARIABLES = (CLIENT_ID, APP_ID, PRIVATE_KEY, INSTALLATION_ID, GITHUB_URL, UPSTREAM_URL, API_URL, READ_ONLY)
+READ_ONLY = Variable(
+    "READ_ONLY", "true: refuse pushes and mint contents:read tokens", f"{ENTRY_LOCATION}.readOnly", "true|false"
+)
+APP_VARIABLES = (
+    CLIENT_ID, APP_ID, PRIVATE_KEY, PRIVATE_KEY_FILE, INSTALLATION_ID, GITHUB_URL, UPSTREAM_URL, API_URL, READ_ONLY
+)  # fmt: skip
 
-HOST = Variable("HOST", "listen on this address (default 127.0.0.1; overrides server.host)", "server.host")
-PORT = Variable("PORT", "listen on this port (default 8080; overrides server.port)", "server.port")
-METRICS_PORT = Variable("METRICS_PORT", "/metrics, /healthz and /readyz on a port of their own", "server.metricsPort")
-METRICS_HOST = Variable("METRICS_HOST", "the address of that port (default: the listen address)", "server.metricsHost")
-CONFIG = Variable("CONFIG", "a YAML config file: several apps, static tokens, access control")
+HOST = Variable("HOST", "listen on this address (default 127.0.0.1; overrides server.host)", "server.host", "ADDRESS")
+PORT = Variable("PORT", "listen on this port (default 8080; overrides server.port)", "server.port", "PORT")
+METRICS_PORT = Variable(
+    "METRICS_PORT", "/metrics, /healthz and /readyz on a port of their own", "server.metricsPort", "PORT"
+)
+METRICS_HOST = Variable(
+    "METRICS_HOST", "the address of that port (default: the listen address)", "server.metricsHost", "ADDRESS"
+)
+CONFIG = Variable("CONFIG", "a YAML config file: several apps, static tokens, access control", metavar="PATH")
 LISTEN_VARIABLES = (HOST, PORT, METRICS_PORT, METRICS_HOST)
+# Read by the CLI itself (flags of their own); listed so that they count as known.
+LOG_LEVEL = Variable("LOG_LEVEL", "DEBUG, INFO (serve's default), WARNING, ERROR", metavar="LEVEL")
+LOG_FORMAT = Variable("LOG_FORMAT", "json lines (the default), or text for terminals", metavar="json|text")
+KNOWN_VARIABLES = (CONFIG, *LISTEN_VARIABLES, *APP_VARIABLES, LOG_LEVEL, LOG_FORMAT)
 DEFAULT_GITHUB_URL = "https://github.com"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of every variable; each help names its variable. Values are checked later, in one place."""
-    parser.add_argument(CONFIG.flag, metavar="FILE", help=f"{CONFIG.help} [{CONFIG.env}]")
-    for variable in (*LISTEN_VARIABLES, *APP_VARIABLES):
-        parser.add_argument(variable.flag, metavar="VALUE", help=f"{variable.help} [{variable.env}]")
+def add_arguments(parser: argparse.ArgumentParser, *variables: Variable) -> None:
+    """The flags of these variables; each help names its variable. Values are checked later, in one place."""
+    for variable in variables:
+        parser.add_argument(variable.flag, metavar=variable.metavar, help=f"{variable.help} [{variable.env}]")
+
+
+def unknown_variables(environ: Mapping[str, str], config_text: str = "") -> list[str]:
+    """One warning per GIT_TOKEN_PROXY_* variable that is no setting, naming the closest one. A variable the
+    config file references (`${GIT_TOKEN_PROXY_CI_TOKEN}`) is the user's own, not a typo."""
+    known = {variable.env for variable in KNOWN_VARIABLES}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in known or "${" + name in config_text:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; the settings are {PREFIX}CONFIG, {PREFIX}PORT, ..."
+        warnings.append(f"{name} is not a setting of git-token-proxy and is ignored{hint}")
+    return warnings
 
 
 @dataclass(frozen=True)
@@ -103,6 +148,9 @@ class LoadedConfig:
     host: str
     port: int
     rendered: dict[str, Any] | None = None
+    key_variable: Variable | None = None  # the environment's key: PRIVATE_KEY or PRIVATE_KEY_FILE
+    # With a file: server settings given as flags or variables, which win over the file's (and its reloads')
+    server_overrides: dict[str, object] = field(default_factory=dict)
 
 
 def client_address(host: str, port: int) -> str:
@@ -136,24 +184,50 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> L
             f"the environment. ({HOST.env} and {PORT.env} work with both.)"
         )
     if file:
-        config = load_config(file)
+        overrides = _server_overrides(settings)
+        config = with_server_settings(load_config(file), overrides)
         host, port = _listen_address(settings, config)
-        return LoadedConfig(config, Path(file), file, host, port)
+        _refuse_one_port_twice(settings, config, port)
+        return LoadedConfig(config, Path(file), file, host, port, server_overrides=overrides)
     if not app_settings:
         raise ConfigError(
             f"no configuration: give {CONFIG.flag} FILE (or {CONFIG.env}), or describe one GitHub App with "
             f"{CLIENT_ID.env} (or {APP_ID.env}) and {PRIVATE_KEY.env}"
         )
     rendered = render_app_config(settings, environ)
-    config = _parse_rendered(rendered)
+    key_variable = PRIVATE_KEY_FILE if PRIVATE_KEY_FILE in settings else PRIVATE_KEY
+    config = _parse_rendered(rendered, key_variable)
     host, port = _listen_address(settings, config)
-    return LoadedConfig(config, None, "environment", host, port, rendered)
+    _refuse_one_port_twice(settings, config, port)
+    return LoadedConfig(config, None, "environment", host, port, rendered, key_variable)
+
+
+def _server_overrides(settings: Mapping[Variable, str]) -> dict[str, object]:
+    """--metrics-port and --metrics-host over a file's server section, as --host and --port are."""
+    overrides: dict[str, object] = {}
+    if METRICS_PORT in settings:
+        overrides["metrics_port"] = parse_port(settings[METRICS_PORT], METRICS_PORT.label)
+    if METRICS_HOST in settings:
+        overrides["metrics_host"] = settings[METRICS_HOST]
+    return overrides
 
 
 def _listen_address(settings: Mapping[Variable, str], config: Config) -> tuple[str, int]:
     host = settings.get(HOST, config.server.host)
     port = parse_port(settings[PORT], PORT.label) if PORT in settings else config.server.port
     return host, port
+
+
+def _refuse_one_port_twice(settings: Mapping[Variable, str], config: Config, port: int) -> None:
+    """/metrics on the git port is what no metrics port means; the same number for both is a mistake."""
+    metrics_port = config.server.metrics_port
+    if metrics_port is None or port == 0 or metrics_port != port:
+        return
+    where = METRICS_PORT.label if METRICS_PORT in settings else "server.metricsPort"
+    raise ConfigError(
+        f"{where}: {metrics_port} is also the git port; give the probes and /metrics another port, or leave "
+        "it unset to serve them on the git port"
+    )
 
 
 def parse_port(text: str, where: str) -> int:
@@ -201,6 +275,13 @@ def _http_url(text: str, variable: Variable) -> str:
 def _private_key(settings: Mapping[Variable, str], environ: Mapping[str, str]) -> str:
     """A file path becomes absolute (a reload must find it from anywhere); a key given in the environment stays
     a reference to its variable, so that the rendered config never holds it."""
+    if PRIVATE_KEY in settings and PRIVATE_KEY_FILE in settings:
+        raise ConfigError(f"{PRIVATE_KEY.label} and {PRIVATE_KEY_FILE.label} are both set: keep one")
+    if PRIVATE_KEY_FILE in settings:
+        path = settings[PRIVATE_KEY_FILE]
+        if key_file_of(path) is None:
+            raise ConfigError(f"{PRIVATE_KEY_FILE.label} takes a path to the app's .pem, not the key itself")
+        return str(Path(path).absolute())
     value = settings.get(PRIVATE_KEY)
     if value is None:
         raise ConfigError(f"{PRIVATE_KEY.label} is required: the path to the app's .pem (or the PEM itself)")
@@ -255,22 +336,23 @@ def render_app_config(settings: Mapping[Variable, str], environ: Mapping[str, st
     }
 
 
-def _parse_rendered(rendered: dict[str, Any]) -> Config:
+def _parse_rendered(rendered: dict[str, Any], key_variable: Variable) -> Config:
     try:
         return parse_config(rendered, "environment")
     except ConfigError as error:
-        raise ConfigError(name_variables(str(error))) from None
+        raise ConfigError(name_variables(str(error), key_variable)) from None
 
 
-def name_variables(message: str) -> str:
+def name_variables(message: str, key_variable: Variable = PRIVATE_KEY) -> str:
     """A message about the rendered config, told in the variables the user set."""
     for variable in (*APP_VARIABLES, *LISTEN_VARIABLES):
-        if variable.location:
-            message = message.replace(f"{variable.location}.url", variable.label)
-            message = message.replace(variable.location, variable.label)
+        if variable.location and variable is not PRIVATE_KEY_FILE:
+            label = key_variable.label if variable is PRIVATE_KEY else variable.label
+            message = message.replace(f"{variable.location}.url", label)
+            message = message.replace(variable.location, label)
     entry = f"auth entry {ENTRY_ID!r}: "
-    message = message.replace(f"{entry}cannot read privateKey file", f"{PRIVATE_KEY.label}: cannot read")
-    message = message.replace(f"{entry}privateKey", PRIVATE_KEY.label)
+    message = message.replace(f"{entry}cannot read privateKey file", f"{key_variable.label}: cannot read")
+    message = message.replace(f"{entry}privateKey", key_variable.label)
     return message.replace(ENTRY_LOCATION, "the app").replace("environment: invalid configuration", "environment")
 
 
@@ -285,7 +367,9 @@ def check_keys(loaded: LoadedConfig) -> None:
             except ConfigError as error:
                 if loaded.rendered is None:
                     raise
-                raise ConfigError(f"environment: {name_variables(str(error))}") from None
+                raise ConfigError(
+                    f"environment: {name_variables(str(error), loaded.key_variable or PRIVATE_KEY)}"
+                ) from None
 
 
 def reloadable_path(loaded: LoadedConfig) -> Path:

@@ -17,15 +17,16 @@ def probe_url(loaded: LoadedConfig, ready: bool) -> str:
     are for), else the git port; a wildcard listen address is asked on loopback."""
     server = loaded.config.server
     if server.metrics_port is not None:
-        address = client_address(server.metrics_host or loaded.host, server.metrics_port)
-    else:
-        address = client_address(loaded.host, loaded.port)
-    return f"http://{address}/{'readyz' if ready else 'healthz'}"
+        return address_url(server.metrics_host or loaded.host, server.metrics_port, ready)
+    return address_url(loaded.host, loaded.port, ready)
 
 
-def probe(loaded: LoadedConfig, ready: bool, timeout: float) -> int:
+def address_url(host: str, port: int, ready: bool) -> str:
+    return f"http://{client_address(host, port)}/{'readyz' if ready else 'healthz'}"
+
+
+def probe(url: str, timeout: float) -> int:
     """0 when the proxy answers 200; 1 otherwise. One line either way."""
-    url = probe_url(loaded, ready)
     # No proxy handler: an HTTP_PROXY in the container's environment must not carry a loopback probe away.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -27,10 +27,18 @@ log = logging.getLogger("git_token_proxy.serve")
 WATCH_INTERVAL = 2.0
 
 
-async def serve(config: Config, config_path: Path, host: str, port: int, watch: bool, redactor: Redactor) -> int:
+async def serve(
+    config: Config,
+    config_path: Path,
+    host: str,
+    port: int,
+    watch: bool,
+    redactor: Redactor,
+    server_overrides: Mapping[str, object] | None = None,
+) -> int:
     app = await create_app(config)
     proxy = app[PROXY]
-    proxy.bound_host = host
+    proxy.bound_host, proxy.server_overrides = host, dict(server_overrides or {})
     reloader = Reloader(proxy, config_path, redactor)
     # Before the first request: a file changed once the proxy answers is a change.
     watcher = await ConfigWatcher.taking_stock(proxy, config_path, reloader) if watch else None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..config import AccessClient
 from ..errors import AuthenticationRequired, ClientForbidden
 from ..routing import Route
-from .clients import Client, StaticClients
+from .clients import Client, StaticClients, basic_password
 from .writes import enforce_read_only, is_write, read_only_party
 
 __all__ = ["AccessControl", "Client", "enforce_read_only", "is_write", "read_only_party"]
@@ -28,8 +28,10 @@ class AccessControl:
         if not self._static:
             return None
         client = self._static.identify(authorization)
-        if client is None:
+        if client is None and basic_password(authorization) is None:
             raise AuthenticationRequired("this proxy needs a client token (as the password of HTTP Basic auth)")
+        if client is None:
+            raise AuthenticationRequired("client token not recognised: check the password git sends to this proxy")
         return client
 
     def authorize(self, client: Client | None, route: Route) -> None:

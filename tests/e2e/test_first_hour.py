@@ -481,3 +481,23 @@ async def test_a_tls_handshake_on_the_plain_port_is_logged_with_the_fix(
     await asyncio.sleep(0.2)  # the access-log hook runs once the 400 is written
     [hint] = [r.getMessage() for r in caplog.records if "TLS handshake on the plain-HTTP port" in r.getMessage()]
     assert f'url."{proxy}/github.com/".insteadOf "https://github.com/"' in hint
+
+
+async def test_with_access_control_the_printed_lines_clone_with_the_token_from_a_file(
+    fake_github: FakeGitHub, acme_app: AcmeApp, git: Git, serve_process: Any, tmp_path: Path
+) -> None:
+    """Issue 19, item 10: the insteadOf line alone leaves git without the client token ("could not read
+    Username"); the credential-helper line the proxy prints beside it, run as printed, supplies it from a file."""
+    config = app_config(fake_github.url, acme_app)
+    config["access"] = {"clients": [{"name": "ci", "token": "a-client-token-0001", "repos": [".*"]}]}
+    proxy = await serve_process(config, "--log-format", "json")
+    printed = [line["message"].removeprefix("clients: ").removeprefix("and their token, from a file: ")
+               for line in proxy.log_lines() if line.get("message", "").startswith("clients: ")]  # fmt: skip
+    assert len(printed) == 2 and printed[1].startswith("git config --global credential.")
+    home = Path(git.env["HOME"])
+    (home / ".git-token-proxy-token").write_text("a-client-token-0001\n")
+    for line in printed:
+        code, output = await run_shell(line, git.env, tmp_path)
+        assert code == 0, output
+    await git("clone", "--quiet", "https://github.com/acme/private", "private")
+    assert (git.workdir / "private" / "README.md").read_bytes() == b"# private\n"
