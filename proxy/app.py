@@ -177,20 +177,55 @@ def build_credential_sources(
     return sources
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Where tokens come from, wired once per process: the fleet's shared tier (cache.redis), the token cache, and
+    one source per auth entry."""
+
+    shared: SharedTier | None
+    tokens: TokenCache
+    sources: dict[str, CredentialSource]
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.store.close()
+
+
+async def build_credentials(config: Config, metrics: Metrics, api_session: aiohttp.ClientSession) -> Credentials:
+    """As `create_app` builds them, for benches and tools too: no one rebuilds this wiring by hand. Raises
+    ConfigError (a key, an apiUrl) with nothing left open."""
+    shared = build_shared_tier(config, metrics)
+    tokens = build_token_cache(config, metrics, shared)
+    try:
+        keys = load_app_keys(config)
+        sources = build_credential_sources(config, api_session, keys, tokens, metrics, stores=_stores_of(shared))
+    except ConfigError:
+        if shared is not None:
+            await shared.store.close()
+        raise
+    return Credentials(shared, tokens, sources)
+
+
+def rebuild_sources(
+    config: Config, api_session: aiohttp.ClientSession, credentials: Credentials, metrics: Metrics,
+    previous: Mapping[str, CredentialSource],
+) -> dict[str, CredentialSource]:  # fmt: skip
+    """A reload's sources: keys read again, and unchanged sources kept with their caches."""
+    keys = load_app_keys(config)
+    stores = _stores_of(credentials.shared)
+    return build_credential_sources(config, api_session, keys, credentials.tokens, metrics, previous, stores)
+
+
 def build_context(
     config: Config,
     session: aiohttp.ClientSession,
-    api_session: aiohttp.ClientSession,
-    tokens: TokenCache,
+    sources: dict[str, CredentialSource],
     metrics: Metrics,
-    previous: Mapping[str, CredentialSource] | None = None,
-    stores: StoreFactory = local_stores,
     mirror: MirrorService | None = None,
 ) -> ForwardContext:
-    """Everything that can fail (patterns, keys, apiUrl) fails here, before anything is swapped in."""
+    """Everything that can fail (patterns, keys, apiUrl) fails here or in the sources, before anything is swapped
+    in."""
     router = build_router(config)
-    keys = load_app_keys(config)
-    sources = build_credential_sources(config, api_session, keys, tokens, metrics, previous, stores)
     return ForwardContext(
         router, AccessControl(config.access.clients), sources, session, metrics,
         allowed_hosts=frozenset(host.strip().lower() for host in config.server.allowed_hosts),
@@ -284,9 +319,8 @@ class Proxy:
     live: LiveContext
     session: aiohttp.ClientSession
     api_session: aiohttp.ClientSession
-    tokens: TokenCache
+    credentials: Credentials  # the shared tier and the token cache are fixed at start-up; sources follow reloads
     metrics: Metrics
-    shared: SharedTier | None = None  # cache.redis: fixed at start-up, like the token cache itself
     mirror: MirrorService | None = None  # mirror.dir: fixed at start-up too
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     server_overrides: dict[str, object] = field(default_factory=dict)  # --metrics-port and -host over the file's
@@ -314,11 +348,7 @@ class Proxy:
         previous = self.live.current.sources
         # Keys are files, and a file can be a FIFO or huge: they are read and parsed off the event loop, so that
         # /healthz and every transfer carry on while a reload builds.
-        stores = _stores_of(self.shared)
-        context = await asyncio.to_thread(
-            build_context, config, self.session, self.api_session, self.tokens, self.metrics, previous, stores,
-            self.mirror,
-        )  # fmt: skip
+        context = await asyncio.to_thread(self._build_context, config, previous)
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
@@ -326,7 +356,7 @@ class Proxy:
         # learned from GitHub survives it, even in the sources kept with their tokens.
         for source in context.sources.values():
             source.forget_failures()
-        self.tokens.forget_failures()
+        self.credentials.tokens.forget_failures()
         for entry_id in set(self.github_ok_at) - kept:
             del self.github_ok_at[entry_id]  # a new or changed source must prove itself against GitHub again
         self.generation += 1
@@ -334,6 +364,10 @@ class Proxy:
         log.info(
             "configuration reloaded: %s (%d kept with their caches)", auth_entries(len(context.sources)), len(kept)
         )
+
+    def _build_context(self, config: Config, previous: Mapping[str, CredentialSource]) -> ForwardContext:
+        sources = rebuild_sources(config, self.api_session, self.credentials, self.metrics, previous)
+        return build_context(config, self.session, sources, self.metrics, self.mirror)
 
     def _warn_about_restart_only_changes(self, config: Config) -> None:
         def cache_settings(c: Config) -> tuple[float, float, int]:
@@ -370,8 +404,7 @@ class Proxy:
     async def close(self) -> None:
         await self.session.close()
         await self.api_session.close()
-        if self.shared is not None:
-            await self.shared.store.close()
+        await self.credentials.close()
         if self.mirror is not None:
             await self.mirror.mirror.close()
 
@@ -494,25 +527,21 @@ def create_ops_app(proxy: Proxy) -> web.Application:
 async def create_app(config: Config) -> web.Application:
     """Build the proxy. Must run inside the event loop that will serve it (the sessions bind to it)."""
     metrics = Metrics()
-    shared = build_shared_tier(config, metrics)
-    tokens = build_token_cache(config, metrics, shared)
-    metrics.watch_token_expiry(tokens.seconds_until_soonest_expiry)
     session, api_session = build_upstream_session(config), build_api_session(config)
-    mirror = build_mirror(config, metrics)
     try:
-        context = build_context(config, session, api_session, tokens, metrics, stores=_stores_of(shared), mirror=mirror)
+        credentials = await build_credentials(config, metrics, api_session)
+        context = build_context(config, session, credentials.sources, metrics, mirror := build_mirror(config, metrics))
     except ConfigError:
         await session.close()
         await api_session.close()
-        if shared is not None:
-            await shared.store.close()
         raise
+    metrics.watch_token_expiry(credentials.tokens.seconds_until_soonest_expiry)
     transfers = TransferWatch(config.server.write_timeout, metrics, config.server.min_body_rate)
     slots = body_slots(config.server)
     live = LiveContext(
         context, transfers, body_slots=asyncio.Semaphore(slots), body_slots_per_client=max(1, slots // 2)
     )
-    proxy = Proxy(config, live, session, api_session, tokens, metrics, shared, mirror)
+    proxy = Proxy(config, live, session, api_session, credentials, metrics, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live
