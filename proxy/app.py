@@ -37,14 +37,14 @@ from .credentials.static import StaticTokenSource
 from .errors import ProxyError
 from .forward import (
     FORWARD_CONTEXT,
+    BodySlots,
     ForwardContext,
     LiveContext,
     TransferWatch,
     forward_lfs_object,
     forward_request,
-    status_for,
 )
-from .guards import HINTS, Hints, check_host, connect_refusal, refuse_browsers
+from .forward.guards import HINTS, Hints, check_host, connect_refusal, refuse_browsers
 from .lfs import LfsPolicy
 from .logs import sanitise_for_client
 from .metrics import Metrics
@@ -508,7 +508,7 @@ def _on_the_git_port(handler: Handler, needs_client: bool) -> Handler:
             if needs_client:
                 context.access.authenticate(request.headers.get("Authorization"))
         except ProxyError as error:
-            status = status_for(error)
+            status = error.status
             headers = {"WWW-Authenticate": 'Basic realm="git-token-proxy"'} if status == 401 else None
             return web.Response(status=status, text=f"{sanitise_for_client(str(error))}\n", headers=headers)
         return await handler(request)
@@ -538,9 +538,7 @@ async def create_app(config: Config) -> web.Application:
     metrics.watch_token_expiry(credentials.tokens.seconds_until_soonest_expiry)
     transfers = TransferWatch(config.server.write_timeout, metrics, config.server.min_body_rate)
     slots = body_slots(config.server)
-    live = LiveContext(
-        context, transfers, body_slots=asyncio.Semaphore(slots), body_slots_per_client=max(1, slots // 2)
-    )
+    live = LiveContext(context, transfers, body_slots=BodySlots(slots))
     proxy = Proxy(config, live, session, api_session, credentials, metrics, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import parse_config
-from .guards import RUNNER_ARGS
+from .forward.guards import RUNNER_ARGS
 from .testing import FakeGitHub, GitResult, generate_app_key, git_env, insteadof_env, pkcs1_pem, run_git
 
 REPO = "acme/private-repo"

@@ -20,7 +20,7 @@ from .app import PROXY, Proxy, create_app, create_ops_app
 from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, load_config
 from .credentials.keys import key_file_of
 from .files import file_kind, read_regular_file
-from .guards import RUNNER_ARGS
+from .forward.guards import RUNNER_ARGS
 from .logs import Redactor
 
 log = logging.getLogger("git_token_proxy.serve")

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.app import PROXY, create_app
 from proxy.config import parse_config
-from proxy.guards import RUNNER_ARGS
+from proxy.forward.guards import RUNNER_ARGS
 from proxy.testing import (
     FakeApp,
     FakeGitHub,

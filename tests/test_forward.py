@@ -310,19 +310,3 @@ async def test_browser_requests_never_reach_upstream(
     status, _, body = await raw_request(proxy, INFO_REFS, headers={"Host": "attacker.example", **browser_header})
     assert status == 403 and b"web browsers" in body
     assert trap.accepted == 0
-
-
-def _all_subclasses(cls: type) -> set[type]:
-    return {sub for direct in cls.__subclasses__() for sub in {direct, *_all_subclasses(direct)}}
-
-
-def test_every_error_type_has_a_status_on_purpose() -> None:
-    """A new error type must be given its status in forward's table, not inherit a 502 by accident."""
-    from proxy import errors
-    from proxy.forward import _STATUS
-
-    defined = {cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.ProxyError)}
-    every = defined | _all_subclasses(errors.ProxyError)  # including any defined elsewhere
-    unmapped = sorted(cls.__name__ for cls in every - {errors.ProxyError} if cls not in _STATUS)
-    assert not unmapped, f"give these a status in forward._STATUS: {unmapped}"
-    assert all(400 <= status < 600 for status in _STATUS.values())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import parse_config
-from proxy.lfs import HandleRefused, HandleStore, StorageAction
+from proxy.errors import HandleRefused
+from proxy.lfs import HandleStore, StorageAction
 from proxy.lfs.handles import MAX_HANDLES, MAX_HANDLES_PER_CLIENT
 from proxy.routing import Router
 from tests.conftest import static_config

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import ProxyError
+from ..errors import HandleRefused
 from ..routing import Route
 
 # However long the storage's signature lasts, a handle lasts at most this long: a leaked handle is worth an hour.
@@ -19,9 +19,6 @@ MAX_HANDLES = 200_000
 # handles is fetching hundreds of batches at once, or making objects up.
 MAX_HANDLES_PER_CLIENT = 20_000
 
-
-class HandleRefused(ProxyError):
-    """An /_lfs/ handle that is unknown, expired, or was given to another client."""
 
 
 @dataclass(frozen=True, repr=False)

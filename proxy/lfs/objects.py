@@ -6,7 +6,6 @@ import hashlib
 from urllib.parse import urlsplit
 
 from ..config import StorageHostConfig
-from ..errors import ProxyError
 from .handles import StorageAction
 
 # What of an action's `header` map may reach the storage host: the credential, the signed headers storage services
@@ -46,10 +45,6 @@ def storage_request_headers(action: StorageAction, content_type: str | None, len
         headers["Content-Length"] = str(length)
     return headers
 
-
-class StorageRefused(ProxyError):
-    """The storage host answered a handle's request with anything but success (its body is not passed on: an
-    S3 error quotes the signature it refused)."""
 
 
 def storage_url(action: StorageAction, storage: StorageHostConfig) -> str:

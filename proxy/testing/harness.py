@@ -83,7 +83,7 @@ def build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
 async def _start_proxy(config: dict[str, Any]) -> tuple[web.AppRunner, str]:
     from ..app import create_app  # the proxy itself; imported here so that the fake alone stays light
     from ..config import parse_config
-    from ..guards import RUNNER_ARGS
+    from ..forward.guards import RUNNER_ARGS
 
     runner = web.AppRunner(await create_app(parse_config(config, "test proxy config")), **RUNNER_ARGS)
     await runner.setup()

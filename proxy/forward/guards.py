@@ -12,12 +12,28 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from multidict import CIMultiDictProxy
 
-from .errors import BadRequestPath, BrowserRequestRefused, MisdirectedRequest
-from .logs import sanitise_for_client
+from ..errors import BadRequestPath, BrowserRequestRefused, MisdirectedRequest
+from ..logs import sanitise_for_client
 
 log = logging.getLogger("git_token_proxy.edge")
 
 _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def admit(request: web.Request, allowed_hosts: frozenset[str]) -> None:
+    """What every request to a git path or an LFS handle must pass before anything looks at who sent it: not an
+    absolute-form target, not a browser, a Host this proxy serves, and no body on a GET."""
+    refuse_absolute_form(request)
+    refuse_browsers(request.headers)
+    check_host(request, allowed_hosts)
+    refuse_body_on_get(request)
+
+
+def refuse_body_on_get(request: web.Request) -> None:
+    """git never sends a body with a GET. One that came with a body could only be an attempt to have the proxy
+    put two requests on one upstream exchange (and a GET may be sent twice, after a token was renewed)."""
+    if request.method == "GET" and request.body_exists:
+        raise BadRequestPath("a GET request must not carry a body")
 
 
 def check_host(request: web.Request, allowed_hosts: frozenset[str], ip_literals: bool = False) -> None:

@@ -1,0 +1,53 @@
+"""Context: what a request needs from the running config (`ForwardContext`, swapped whole by a reload) and from
+the process (`LiveContext`: the transfer watch, the body slots and the LFS handles, which outlive reloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from ..access import AccessControl
+from ..bodies import HeldBytes
+from ..credentials import CredentialSource
+from ..lfs import HandleStore, LfsPolicy
+from ..metrics import Metrics
+from ..routing import Router
+from .watch import BodySlots, TransferWatch
+
+if TYPE_CHECKING:  # the mirror package is loaded by app.build_mirror, for mirror.dir only
+    from ..mirror import Mirror
+    from ..mirror.proof import AuthProof
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything a request needs, built once per config by `app`."""
+
+    router: Router
+    access: AccessControl
+    sources: Mapping[str, CredentialSource]
+    session: aiohttp.ClientSession
+    metrics: Metrics
+    allowed_hosts: frozenset[str] = frozenset()  # Host header values besides loopback names (lower case)
+    body_timeout: float = 15.0  # for bodies the proxy reads whole in order to check them
+    mirror: Mirror | None = None  # mirror.dir: pack requests may be answered from a local mirror
+    proof: AuthProof | None = None  # with a mirror: upstream's recent word that a credential may read a repo
+    lfs: LfsPolicy | None = None  # lfs.proxyObjects: LFS objects go through the proxy, under handles
+    held_bodies: HeldBytes | None = None  # with a mirror: what all pack requests together may hold in memory
+
+
+@dataclass
+class LiveContext:
+    """A reload replaces `current` in one assignment; a request keeps the context it started with to its end."""
+
+    current: ForwardContext
+    transfers: TransferWatch
+    body_slots: BodySlots | None = None
+    lfs_handles: HandleStore = field(default_factory=HandleStore)  # outlive reloads, like the transfers they name
+
+
+FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)
