@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from . import __version__
-from . import env_config as sources
 from .config import Config, ConfigError, GitHubAppEntry, is_loopback
+from .config import environment as sources
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 log = logging.getLogger("git_token_proxy")

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .env_config import LoadedConfig, client_address
+from .config.environment import LoadedConfig, client_address
 
 PID1_CMDLINE = Path("/proc/1/cmdline")
 

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import (
     CONFIG_MAX_BYTES,
-    SECRET_FILE_MAX_BYTES,
     ConfigError,
     GitHubAppEntry,
     OAuthTokenEntry,
@@ -22,6 +21,7 @@ from proxy.config import (
     parse_config,
     parse_duration,
 )
+from proxy.config.files import SECRET_FILE_MAX_BYTES
 from proxy.testing import pkcs1_pem
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import env_config
 from proxy.cli import _parser
+from proxy.config import environment as env_config
 from proxy.healthcheck import probe_url, serve_argv_of
 
 

@@ -173,8 +173,8 @@ def test_kubernetes_examples_validate_against_the_official_schemas(name: str, do
 
 
 def test_kubernetes_sidecar_runs_one_app_from_the_environment() -> None:
-    from proxy import env_config
     from proxy.cli import _parser
+    from proxy.config import environment as env_config
 
     (pod,) = documents(ROOT / "examples" / "kubernetes" / "sidecar.yaml")
     (sidecar,) = pod["spec"]["initContainers"]
@@ -226,8 +226,8 @@ def compose_proxy_key(compose: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def test_compose_example_runs_one_app_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy import env_config
     from proxy.cli import _parser
+    from proxy.config import environment as env_config
 
     (compose,) = documents(ROOT / "examples" / "docker-compose.yaml")
     proxy, agent = compose["services"]["git-token-proxy"], compose["services"]["agent"]

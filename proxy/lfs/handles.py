@@ -20,7 +20,6 @@ MAX_HANDLES = 200_000
 MAX_HANDLES_PER_CLIENT = 20_000
 
 
-
 @dataclass(frozen=True, repr=False)
 class StorageAction:
     """What a handle stands for. `href` carries the storage's signature and `headers` its credential: neither is

@@ -46,7 +46,6 @@ def storage_request_headers(action: StorageAction, content_type: str | None, len
     return headers
 
 
-
 def storage_url(action: StorageAction, storage: StorageHostConfig) -> str:
     """The href's path and query (its signature) on the storage host's configured URL: the proxy connects only
     where the operator said the host is, whatever the href's scheme or address."""

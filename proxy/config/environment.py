@@ -1,4 +1,4 @@
-"""Env config: where `serve`, `check` and `healthcheck` get their config: a file, or one GitHub App described by
+"""Environment: where `serve`, `check` and `healthcheck` get their config: a file, or one GitHub App described by
 GIT_TOKEN_PROXY_* variables (or the matching flags), as git-sync's GITSYNC_* and Argo CD's githubApp* fields do.
 
 Without a file, the config is one upstream (the GitHub URL's host) and one catch-all app entry for it, validated by
@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .config import Config, ConfigError, GitHubAppEntry, load_config, parse_config, with_server_settings
-from .credentials.keys import load_app_key
-from .pem import key_file_of
+from ..credentials.keys import load_app_key
+from ..pem import key_file_of
+from .auth import GITHUB_APP_INSTALLATION, GitHubAppEntry
+from .base import ConfigError
+from .load import load_config, parse_config
+from .root import Config, with_server_settings
 
 PREFIX = "GIT_TOKEN_PROXY_"
 ENTRY_ID = "github-app"  # the one entry's id, as logs, metrics and messages name it
@@ -299,7 +302,7 @@ def _app_entry(settings: Mapping[Variable, str], environ: Mapping[str, str], hos
         )
     entry: dict[str, Any] = {
         "id": ENTRY_ID,
-        "type": "GITHUB_APP_INSTALLATION",
+        "type": GITHUB_APP_INSTALLATION,
         # Every repo on the host: the app's installations decide which ones it can read.
         "urlPattern": f"(?<baseUrl>{re.escape(host)})/.*",
         "privateKey": _private_key(settings, environ),

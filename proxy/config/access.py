@@ -1,0 +1,48 @@
+"""Access: the clients of this proxy, their secrets, the repos they may reach, and whether they may push."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from pydantic import Field, SecretStr, model_validator
+
+from .base import Model
+
+
+class AccessClient(Model):
+    """A client of this proxy: its own secret, the repos it may reach, and whether it may push."""
+
+    name: str
+    token: SecretStr | None = None
+    token_sha256: str | None = None  # hex SHA-256 of the token, so the config file holds no secret
+    repos: list[str] = Field(min_length=1)  # regexes like urlPattern, matched as prefixes of host/owner/repo
+    read_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AccessClient:
+        if (self.token is None) == (self.token_sha256 is None):
+            raise ValueError(f"client {self.name!r}: give exactly one of token and tokenSha256")
+        if self.token_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.token_sha256):
+            raise ValueError(f"client {self.name!r}: tokenSha256 must be 64 hex digits")
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError(f"client {self.name!r}: token is shorter than 16 characters")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        if self.token_sha256 is not None:
+            return bytes.fromhex(self.token_sha256)
+        assert self.token is not None
+        return hashlib.sha256(self.token.get_secret_value().encode()).digest()
+
+
+class AccessConfig(Model):
+    clients: list[AccessClient] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> AccessConfig:
+        names = [client.name for client in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError("access.clients: every client needs its own name")
+        return self
