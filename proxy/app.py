@@ -131,7 +131,7 @@ def build_shared_tier(config: Config, metrics: Metrics) -> SharedTier | None:
     store = RedisStore(settings.url, settings.key_prefix, settings.connect_timeout, metrics, config.tls.ca_file)
     sealer = Sealer(settings.fernet_keys())
     lease_ttl = config.github.app_installation.http_client_timeout + LEASE_MARGIN
-    return SharedTier(store, SharedTokens(store, sealer, lease_ttl), tiered_stores(store, sealer))
+    return SharedTier(store, SharedTokens(store, sealer, lease_ttl, metrics), tiered_stores(store, sealer))
 
 
 def build_token_cache(config: Config, metrics: Metrics | None = None, shared: SharedTier | None = None) -> TokenCache:
@@ -141,7 +141,6 @@ def build_token_cache(config: Config, metrics: Metrics | None = None, shared: Sh
         max_entries=settings.system_auth_cache_max_weight,
         max_age=settings.system_auth_cache_duration,
         refresh_before=settings.refresh_before,
-        metrics=metrics,
         shared=shared.tokens if shared else None,
     )
 

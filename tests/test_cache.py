@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
-from proxy.credentials import Credential
-from proxy.credentials.cache import BoundedStore, CachedToken, SingleFlight, TokenCache
+from proxy.bounded import BoundedStore
+from proxy.credentials import CachedToken, Credential
+from proxy.credentials.cache import TokenCache
+from proxy.single_flight import SingleFlight
 
 
 class Minter:

@@ -32,6 +32,18 @@ class Credential:
         return f"Credential(username={self.username!r}, token=<redacted>, origin={self.origin!r})"
 
 
+@dataclass(frozen=True)
+class CachedToken:
+    """A token with its deadlines on the monotonic clock, and its two Credential forms built once."""
+
+    minted: Credential  # origin "minted": what the request that paid for the mint gets
+    reused: Credential  # origin "cached": what every later request gets
+    expires_at_wall: str  # GitHub's expires_at, for logs and `check`
+    expires: float  # monotonic deadline: GitHub's expires_at, judged on GitHub's own clock
+    refresh_at: float  # monotonic: when to replace it (refreshBefore ahead of expiry, or at the max age)
+    permissions: dict[str, str] = field(default_factory=dict)
+
+
 class CredentialSource(Protocol):
     """One per auth entry. `get_credential` must be a dictionary hit when warm: it runs on every request."""
 

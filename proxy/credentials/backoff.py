@@ -7,8 +7,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..bounded import BoundedDict
 from . import Credential
-from .cache import BoundedDict
 
 Clock = Callable[[], float]
 

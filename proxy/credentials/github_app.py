@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any, Final
 
+from ..bounded import BoundedDict
 from ..config import GitHubAppEntry
 from ..errors import (
     AppNotInstalled,
@@ -28,9 +29,10 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..routing import RepoRef
-from . import Credential
+from ..single_flight import SingleFlight
+from . import CachedToken, Credential
 from .backoff import CallBudget, HealBackoff, Pauses
-from .cache import BoundedDict, CachedToken, SingleFlight, TokenCache
+from .cache import TokenCache
 from .github_api import GitHubAppApi
 from .shared import StoreFactory, local_stores
 

@@ -1,8 +1,9 @@
 """Shared tier: what every replica of a fleet can read (tokens, installation ids), sealed, behind one small protocol.
 
-The policy (when to refresh, single flight, never caching a failure) stays in `cache.py`; this module only says
-where shared values live and how they are sealed. `github_app` never learns that a shared tier exists: it gets
-its key-value stores from a factory, which tiers them here when the config has `cache.redis`.
+The policy (when to refresh, single flight in the process, never caching a failure) stays in `cache.py`; this module
+says where shared values live, how they are sealed, and how the replicas agree on one mint (the lease). `github_app`
+never learns that a shared tier exists: it gets its key-value stores from a factory, which tiers them here when the
+config has `cache.redis`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
-from . import Credential
-from .cache import BoundedStore, CachedToken
+from ..bounded import BoundedStore
+from ..metrics import Metrics
+from . import CachedToken, Credential
 
 log = logging.getLogger("git_token_proxy.shared")
 
@@ -146,12 +148,53 @@ def _identity(bound_to: str) -> str:
 
 class SharedTokens:
     """Installation tokens in the shared store, sealed, with their deadlines on the wall clock (replicas do not
-    share a monotonic clock), and the lease that lets exactly one replica mint for all."""
+    share a monotonic clock), and the lease that lets exactly one replica mint for all. The fleet tier of
+    `cache.TokenCache`."""
 
-    def __init__(self, store: SharedStore, sealer: Sealer, lease_ttl: float) -> None:
+    def __init__(self, store: SharedStore, sealer: Sealer, lease_ttl: float, metrics: Metrics) -> None:
         self.store = store
         self._sealer = sealer
         self.lease_ttl = lease_ttl
+        self._metrics = metrics
+
+    async def refresh(self, key: str, mint: Callable[[], Awaitable[CachedToken]]) -> CachedToken:
+        """Single flight across the fleet. The cache's in-process flight in front means one Redis round-trip per
+        key at a time from this replica. The replica that takes the lease mints and publishes; the others wait
+        for its value, for at most the lease's life (every lease of ours is that short: a lease without a
+        deadline, or with a longer one, is not ours and is taken over at once). A waiter that gives up on a holder
+        takes the lease from it, so that the others go on waiting for one mint rather than each minting its own.
+        A failed mint releases the lease and publishes nothing. With Redis away, this is a plain local mint."""
+        found = await self.fetch(key)
+        if _usable(found):
+            self._metrics.shared_cache_hits.inc()
+            return found
+        self._metrics.shared_cache_misses.inc()
+        started = time.monotonic()
+        waiting = LeaseWait(started, self.lease_ttl)
+        while True:
+            lease = await self.lease(key, take_from=waiting.given_up_on)
+            if lease.owner is not None:
+                try:
+                    found = await self.fetch(key)  # the previous holder may have published just now
+                    if _usable(found):
+                        return found
+                    token = await mint()
+                    await self.publish(key, token)
+                    return token
+                finally:
+                    await self.release(key, lease.owner)
+            if lease.holder is None or waiting.over(time.monotonic()):
+                return await mint()  # Redis is away, or the wait outlived every holder it could: as without a fleet
+            if waiting.note_holder(lease.holder, time.monotonic()):
+                continue  # gave up on this holder: take the lease from it at once
+            if waiting.first_wait:
+                self._metrics.lease_waits.inc()
+            await asyncio.sleep(waiting.next_delay())
+            found = await self.fetch(key)
+            if _usable(found):
+                self._metrics.lease_wait_seconds.observe(time.monotonic() - started)
+                self._metrics.shared_cache_hits.inc()
+                return found
 
     async def fetch(self, key: str) -> CachedToken | None:
         stored = await self.store.get(f"token:{_hashed(key)}")
@@ -192,6 +235,43 @@ class SharedTokens:
 
     async def release(self, key: str, owner: str) -> None:
         await self.store.release(f"lease:{_hashed(key)}", owner)
+
+
+@dataclass
+class LeaseWait:
+    """A replica waiting on another's lease. Each holder gets the lease's life; after that the waiter gives up on
+    it (`given_up_on`) and takes the lease itself. Holders that keep changing cannot hold a waiter for ever: past
+    twice the lease's life, it mints on its own."""
+
+    started: float
+    lease_ttl: float
+    holder: str | None = None
+    holder_since: float = 0.0
+    given_up_on: str | None = None
+    first_wait: bool = True
+    delay: float = 0.01
+
+    def note_holder(self, holder: str, now: float) -> bool:
+        """True when the waiter gives up on `holder` now (it held the lease past its life)."""
+        if holder != self.holder:
+            self.holder, self.holder_since, self.given_up_on = holder, now, None
+            return False
+        if now - self.holder_since > self.lease_ttl + 1 and self.given_up_on != holder:
+            self.given_up_on = holder
+            return True
+        return False
+
+    def over(self, now: float) -> bool:
+        return now - self.started > 2 * (self.lease_ttl + 1)
+
+    def next_delay(self) -> float:
+        self.first_wait = False
+        self.delay = min(self.delay * 2, 0.25)
+        return self.delay
+
+
+def _usable(token: CachedToken | None) -> TypeGuard[CachedToken]:
+    return token is not None and time.monotonic() < token.refresh_at
 
 
 def _token_from(value: dict[str, Any]) -> CachedToken | None:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..bounded import BoundedDict
 from ..credentials import Credential
-from ..credentials.cache import BoundedDict
 from ..metrics import Metrics
 from .gitrun import MirrorGit, describe_failure
 from .store import MirrorSlot, MirrorStore

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..credentials.cache import BoundedDict
+from ..bounded import BoundedDict
 
 REFUSALS = frozenset({401, 403, 404})
 
