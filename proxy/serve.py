@@ -16,12 +16,14 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
-from .app import PROXY, Proxy, create_app, create_ops_app
+from .app import create_app
 from .config import CONFIG_MAX_BYTES, Config, ConfigError, GitHubAppEntry, load_config
 from .credentials.keys import key_file_of
 from .files import file_kind, read_regular_file
 from .forward.guards import RUNNER_ARGS
+from .health import create_ops_app
 from .logs import Redactor
+from .running import PROXY, Proxy
 
 log = logging.getLogger("git_token_proxy.serve")
 WATCH_INTERVAL = 2.0
