@@ -281,7 +281,8 @@ async def create_app(config: Config) -> web.Application:
         await api_session.close()
         raise
     metrics.watch_token_expiry(credentials.tokens.seconds_until_soonest_expiry)
-    transfers = TransferWatch(config.server.write_timeout, metrics, config.server.min_body_rate)
+    server = config.server
+    transfers = TransferWatch(server.write_timeout, metrics, server.min_body_rate, server.min_answer_rate)
     slots = body_slots(config.server)
     live = LiveContext(context, transfers, body_slots=BodySlots(slots))
 

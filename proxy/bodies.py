@@ -74,6 +74,13 @@ class HeldBytes:
     def give_back(self, size: int) -> None:
         self.held -= size
 
+    @property
+    def room(self) -> int:
+        return max(0, self.limit - self.held)
+
+
+_PEEK_STEP = 64 * 1024  # one read's most, reserved from the budget while it waits for bytes
+
 
 @dataclass
 class Peeked:
@@ -85,11 +92,25 @@ class Peeked:
     whole: bool
     held: int = 0  # taken from the budget: given back by `release`
     budget: HeldBytes | None = None
+    sending: bool = False  # a body generator is sending the head on, and releases it once it went
 
     def release(self) -> None:
+        """Done with the bytes: they stop counting, and this object stops holding them (a head that went on
+        while the rest of a long body still streams must not stay in memory for the whole exchange)."""
         if self.budget is not None and self.held:
             self.budget.give_back(self.held)
             self.held = 0
+        self.head = b""
+
+
+async def _read_within_reserve(request: web.Request, reserved: int, budget: HeldBytes) -> bytes:
+    """At most `reserved` bytes; what was reserved and not read goes back, whatever happens to the read."""
+    chunk = b""
+    try:
+        chunk = await request.content.read(reserved)
+        return chunk
+    finally:
+        budget.give_back(reserved - len(chunk))
 
 
 async def peek_body(
@@ -101,9 +122,11 @@ async def peek_body(
     whole body, and anything else goes upstream as it would without a mirror.
 
     The budget is taken as bytes arrive, not for what a Content-Length promises: a client that declares 16 MiB
-    and drips a byte now and then holds what it sent, not 16 MiB. A body that is not held whole gives its share
-    back at once (its head then only waits to be sent). `progress` hears of each chunk (the transfer watch's
-    byte count)."""
+    and drips a byte now and then holds what it sent, not 16 MiB. A body that is not held whole keeps its head
+    counted until the head has been sent on (`release`, called by whoever sends it): until then memory holds it,
+    so it must count, or bodies that each stop just past the limit would hold far more than the budget between
+    them. Nothing is read past what the budget has room for: the budget is never exceeded, and a body that finds
+    it full is passed on without a byte read. `progress` hears of each chunk (the transfer watch's byte count)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         return Peeked(b"", whole=False)
@@ -111,23 +134,25 @@ async def peek_body(
     peeked = Peeked(b"", whole=False, budget=budget)
     try:
         async with asyncio.timeout(within):
-            while chunk := await request.content.readany():
-                head += chunk
-                progress(len(chunk))
-                if len(head) > limit or not budget.take(len(chunk)):
+            # limit + 1: a body of exactly `limit` bytes is whole, one byte more is not.
+            while room := min(budget.room, limit + 1 - len(head), _PEEK_STEP):
+                budget.take(room)  # reserved before the read: other requests peek meanwhile
+                chunk = await _read_within_reserve(request, room, budget)
+                if not chunk:
+                    peeked.whole = True
                     break
                 peeked.held += len(chunk)
+                head += chunk
+                progress(len(chunk))
             else:
-                peeked.whole = True
+                peeked.whole = request.content.at_eof()  # the room ran out just as the body ended
     except TimeoutError:
         pass  # slow: the rest goes on as it comes, under the transfer watch
     except (OSError, aiohttp.ClientError, HttpProcessingError):
         peeked.release()
         raise RequestBodyRefused("request body did not arrive whole (the connection broke)") from None
     peeked.head = bytes(head)
-    if not peeked.whole:
-        peeked.release()
-    elif declared is not None and len(head) != declared:
+    if peeked.whole and declared is not None and len(head) != declared:
         peeked.release()
         raise RequestBodyRefused(f"request body has {len(head)} bytes, not the {declared} its Content-Length says")
     return peeked

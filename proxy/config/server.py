@@ -38,6 +38,10 @@ class ServerConfig(Model):
     # if shorter): a client dripping a byte now and then is never quiet for writeTimeout, but would hold an upstream
     # connection for as long as it likes. 0: no floor.
     min_body_rate: Size = 1024
+    # A client that holds up an answer (bytes wait for it to read them) must read at least this many bytes a second
+    # over each such 30 s: a client that reads a trickle is never quiet for writeTimeout, and would hold an upstream
+    # connection for hours. 4 KiB/s is slower than any link git is used over. 0: no floor.
+    min_answer_rate: Size = 4096
 
     def refuse_unsafe_bind(self, host: str, has_clients: bool) -> None:
         if has_clients or self.allow_unauthenticated or is_loopback(host):

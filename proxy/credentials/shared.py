@@ -237,11 +237,17 @@ class SharedTokens:
         await self.store.release(f"lease:{_hashed(key)}", owner)
 
 
+# Past a waiter's deadline, a holder that appeared after it (another waiter that took the lease over, minting now)
+# has this long to publish before it is given up on too: a mint takes well under a second.
+POST_DEADLINE_GRACE = 2.0
+
+
 @dataclass
 class LeaseWait:
-    """A replica waiting on another's lease. Each holder gets the lease's life; after that the waiter gives up on
-    it (`given_up_on`) and takes the lease itself. Holders that keep changing cannot hold a waiter for ever: past
-    twice the lease's life, it mints on its own."""
+    """A replica waiting on another's lease. The holders get the lease's life, counted from when this waiter
+    began (a writer that keeps changing the holder's value must not restart the clock); past it, the waiter gives
+    up on the holder (`given_up_on`) and takes the lease itself, so that the fleet still mints once. A holder that
+    appeared after the deadline gets POST_DEADLINE_GRACE first. Past twice the lease's life it mints on its own."""
 
     started: float
     lease_ttl: float
@@ -252,11 +258,13 @@ class LeaseWait:
     delay: float = 0.01
 
     def note_holder(self, holder: str, now: float) -> bool:
-        """True when the waiter gives up on `holder` now (it held the lease past its life)."""
+        """True when the waiter gives up on `holder` now."""
         if holder != self.holder:
-            self.holder, self.holder_since, self.given_up_on = holder, now, None
+            self.holder, self.holder_since = holder, now
+        deadline = self.started + self.lease_ttl + 1
+        if holder == self.given_up_on or now <= deadline:
             return False
-        if now - self.holder_since > self.lease_ttl + 1 and self.given_up_on != holder:
+        if self.holder_since <= deadline or now > deadline + POST_DEADLINE_GRACE:
             self.given_up_on = holder
             return True
         return False

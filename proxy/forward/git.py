@@ -62,8 +62,10 @@ async def _answer(exchange: Exchange, body: bytes | Peeked | None) -> web.Stream
             context.metrics.mint_failed(route.entry.id, error)  # a refusal; a public repo read anyway is none
         raise
     finally:
-        if peeked is not None:
-            peeked.release()  # the budget counts a held body until its exchange is over, which is on the safe side
+        # A whole body counts until here, which is on the safe side; a head passed on with the rest of its body
+        # is released by what sends it, once it went (releasing it here could drop it before it was sent).
+        if peeked is not None and not peeked.sending:
+            peeked.release()
     note_for_mirror(context, route, opened.upstream.status)
     if route.endpoint is LFS_BATCH and context.lfs is not None and opened.upstream.status == 200:
         return await answer_batch(exchange, opened)

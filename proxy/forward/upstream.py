@@ -225,16 +225,21 @@ def request_body(
     if not request.body_exists:
         exchange.upload = Upload.SENT
         return None, None
-    head = inspected.head if inspected is not None else b""
-    return _streamed(exchange, request.content_length, head), request.content_length
+    return _streamed(exchange, request.content_length, inspected), request.content_length
 
 
-async def _streamed(exchange: Exchange, declared: int | None, head: bytes = b"") -> AsyncIterator[bytes]:
+async def _streamed(exchange: Exchange, declared: int | None, peeked: Peeked | None = None) -> AsyncIterator[bytes]:
+    """`peeked`: what the proxy read of the body already (counted in then). Once its head went on, it is
+    released: the bytes stop counting against what bodies may hold together, and nothing here holds them."""
     received = 0
+    if peeked is not None:
+        peeked.sending = True
     try:
-        if head:  # counted in when it was read
-            received += len(head)
-            yield head
+        if peeked is not None:
+            received += len(peeked.head)
+            if peeked.head:
+                yield peeked.head
+            peeked.release()
         async for chunk in exchange.request.content.iter_any():
             received += len(chunk)
             exchange.bytes_in += len(chunk)
@@ -248,6 +253,9 @@ async def _streamed(exchange: Exchange, declared: int | None, head: bytes = b"")
         exchange.upload = Upload.BROKE
         exchange.close_upstream()
         raise
+    finally:
+        if peeked is not None:
+            peeked.release()
     exchange.upload = Upload.SENT
 
 

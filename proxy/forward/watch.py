@@ -40,7 +40,8 @@ class _Watch:
     streams_body: bool  # the client sends a body that the proxy streams (rather than one already read)
     seen: tuple[int, int] = (-1, -1)  # bytes in, bytes out at the last sweep
     progress_at: float = field(default_factory=time.monotonic)
-    window: tuple[float, int] = (-1.0, 0)  # (since, bytes in then): the body rate is judged over this window
+    # (what is judged, since, its bytes then): a rate is judged over this window, the body's or the answer's
+    window: tuple[str, float, int] = ("", -1.0, 0)
 
 
 BODY_RATE_WINDOW = 30.0
@@ -52,9 +53,12 @@ class TransferWatch:
     pool) for ever. Nothing is done per chunk but the byte counts the audit line needs anyway: a periodic sweep
     compares them, so a fast clone pays no timer."""
 
-    def __init__(self, write_timeout: float, metrics: Metrics, min_body_rate: float = 0.0) -> None:
+    def __init__(
+        self, write_timeout: float, metrics: Metrics, min_body_rate: float = 0.0, min_answer_rate: float = 0.0
+    ) -> None:
         self.write_timeout = write_timeout
         self.min_body_rate = min_body_rate  # bytes/s a request body must average while it arrives (0: no floor)
+        self.min_answer_rate = min_answer_rate  # bytes/s a client must read while it holds an answer up (0: none)
         self._metrics = metrics
         self._active: dict[Watched, _Watch] = {}
 
@@ -89,28 +93,44 @@ class TransferWatch:
         for watch in list(self._active.values()):
             exchange = watch.exchange
             counts = (exchange.bytes_in, exchange.bytes_out)
-            if self._body_too_slow(watch, now):
-                self._cut(watch, f"the request body arrived slower than {self.min_body_rate:.0f} bytes/s over "
-                                 f"{self.rate_window:.0f} s (server.minBodyRate)")  # fmt: skip
+            slow = self._too_slow(watch, now)
+            if slow:
+                self._cut(watch, slow)
             elif counts != watch.seen or not self._client_holds_it_up(watch):
                 watch.seen, watch.progress_at = counts, now
             elif now - watch.progress_at >= self.write_timeout:
                 self._cut(watch, f"the client went quiet for {self.write_timeout:.0f} s (server.writeTimeout)")
 
-    def _body_too_slow(self, watch: _Watch, now: float) -> bool:
-        """Judged window by window while the body still arrives; a body that has arrived is not judged."""
+    def _too_slow(self, watch: _Watch, now: float) -> str | None:
+        """Why the transfer is cut, when its client is too slow: a body arriving slower than minBodyRate, or an
+        answer the client holds up (bytes wait for it) while reading slower than minAnswerRate. Either would
+        hold an upstream connection of a capped pool for as long as the client likes, never quiet for
+        writeTimeout. Judged window by window, each on its own counter."""
         exchange = watch.exchange
-        arriving = exchange.upload is Upload.ARRIVING and exchange.answer is Answer.PENDING
-        if not (self.min_body_rate and watch.streams_body and arriving):
-            return False
-        since, bytes_then = watch.window
-        if since < 0:
-            watch.window = (now, exchange.bytes_in)
-            return False
+        if (
+            self.min_body_rate
+            and watch.streams_body
+            and exchange.upload is Upload.ARRIVING
+            and (exchange.answer is Answer.PENDING)
+        ):
+            judged, rate, setting, count = "body", self.min_body_rate, "server.minBodyRate", exchange.bytes_in
+            what = "the request body arrived"
+        elif self.min_answer_rate and exchange.answer is Answer.STREAMING and self._client_holds_it_up(watch):
+            judged, rate, setting, count = "answer", self.min_answer_rate, "server.minAnswerRate", exchange.bytes_out
+            what = "the client read the answer"
+        else:
+            watch.window = ("", -1.0, 0)
+            return None
+        was, since, bytes_then = watch.window
+        if was != judged or since < 0:
+            watch.window = (judged, now, count)
+            return None
         if now - since < self.rate_window:
-            return False
-        watch.window = (now, exchange.bytes_in)
-        return (exchange.bytes_in - bytes_then) / (now - since) < self.min_body_rate
+            return None
+        watch.window = (judged, now, count)
+        if (count - bytes_then) / (now - since) >= rate:
+            return None
+        return f"{what} slower than {rate:.0f} bytes/s over {self.rate_window:.0f} s ({setting})"
 
     @staticmethod
     def _client_holds_it_up(watch: _Watch) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..subprocesses import Finished, run_process
 # A fetch that moves less than 1 byte/s for this long is given up, so a stalled upstream cannot hold a repo's
 # single flight (and every client waiting on it) for ever. The same span as an upstream's default readTimeout.
 FETCH_STALL_SECONDS = 300
+_OBJECT_ID = re.compile(r"[0-9a-f]{40}")
 
 # Set on every git command, through the environment so that none of it depends on what a mirror's config holds.
 _ALWAYS: tuple[tuple[str, str], ...] = (
@@ -130,6 +132,8 @@ class MirrorGit:
         lazy fetch) may be printed though reachable: it goes upstream, which is only slower."""
         if not object_ids:
             return True
+        if not all(_OBJECT_ID.fullmatch(oid) for oid in object_ids):
+            return False  # one line per id, and nothing else: an empty line would end rev-list's list early
         asked = "".join(f"{oid}\n" for oid in object_ids).encode()
         done = await self.run(mirror, "rev-list", "--objects", "--no-object-names", "--stdin", "--not", "--all",
                               input=asked)  # fmt: skip

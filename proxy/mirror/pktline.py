@@ -9,10 +9,12 @@ from typing import Literal
 
 FLUSH, DELIM, RESPONSE_END = "flush", "delim", "response-end"
 _SPECIAL = {0: FLUSH, 1: DELIM, 2: RESPONSE_END}
-_LENGTH = re.compile(rb"^[0-9a-fA-F]{4}$")
-_OBJECT_ID = re.compile(r"^[0-9a-f]{40}$")  # SHA-1: a mirror is created with git's default object format
+_LENGTH = re.compile(rb"[0-9a-fA-F]{4}")
+# fullmatch only, everywhere: `$` also matches before a final newline, and an id that carries one ("<id>\n") once
+# reached `git rev-list --stdin`, where the empty line it made ended the list before the wants it had to check.
+_OBJECT_ID = re.compile(r"[0-9a-f]{40}")  # SHA-1: a mirror is created with git's default object format
 # A ref name as git allows it on the wire; anything else in a want-ref is not a request a mirror should guess at.
-_REF_NAME = re.compile(r"^refs/[A-Za-z0-9._/+-]{1,1000}$")
+_REF_NAME = re.compile(r"refs/[A-Za-z0-9._/+-]{1,1000}")
 # A real request lists wants and the client's haves: thousands of lines at most. Past this, a body built to make
 # the parser spin (millions of flushes compress into a few KiB) is passed upstream unread.
 MAX_LINES = 50_000
@@ -43,7 +45,7 @@ def pkt_lines(body: bytes) -> Iterator[str | bytes]:
         if count > MAX_LINES:
             raise NotAPackRequest(f"more than {MAX_LINES} pkt-lines")
         header = body[position : position + 4]
-        if not _LENGTH.match(header):
+        if not _LENGTH.fullmatch(header):
             raise NotAPackRequest(f"bad pkt-line length {header!r} at byte {position}")
         length = int(header, 16)
         if length < 4:
@@ -122,7 +124,7 @@ def _read_argument(request: PackRequest, line: str) -> None:
     if name == "want":
         request.wants.append(_object_id(value))
     elif name == "want-ref":
-        if not _REF_NAME.match(value) or ".." in value:
+        if not _REF_NAME.fullmatch(value) or ".." in value:
             raise NotAPackRequest("unusual want-ref")
         request.want_refs.append(value)
     elif name == "shallow":
@@ -138,7 +140,7 @@ def _read_argument(request: PackRequest, line: str) -> None:
 
 
 def _object_id(value: str) -> str:
-    if not _OBJECT_ID.match(value):
+    if not _OBJECT_ID.fullmatch(value):
         raise NotAPackRequest("an object id that is not SHA-1 hex")
     return value
 
