@@ -9,7 +9,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -25,24 +24,16 @@ from typing import Any
 
 import yaml
 
+from bench.common import HOST, MIB, STARTUP_TIMEOUT, STOP_TIMEOUT, Stopwatch, in_scratch, log, log_tail
 from proxy.testing import FakeGitHub, git_env, run_git_sync
+from proxy.testing.process import free_port
 
 REPO = "acme/big"
 BRANCH = "main"
 TOKEN = "bench-token-not-a-secret-0123456789"
-HOST = "127.0.0.1"  # every socket in this benchmark is on loopback
 FAKE_SERVER_SCRIPT = Path(__file__).resolve().with_name("_fake_github_server.py")
 
-STARTUP_TIMEOUT = 30.0  # seconds for a server to start answering
-STOP_TIMEOUT = 10.0  # seconds a server gets to exit after SIGTERM before SIGKILL
-MIB = 1 << 20
-
 PATHS = ("direct", "proxy", "nginx")
-
-
-def log(message: str) -> None:
-    # Progress goes to stderr so that `--json` leaves stdout parseable.
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- arguments
@@ -115,11 +106,8 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+    def log_tail(self) -> str:
+        return log_tail(self.log_file)
 
 
 @contextlib.contextmanager
@@ -143,13 +131,6 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=STOP_TIMEOUT)
     if process.stdout is not None:
         process.stdout.close()
-
-
-def free_port() -> int:
-    # Racy in theory (another process could take the port before the child binds it); fine on a bench box.
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def read_first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
@@ -182,7 +163,7 @@ def wait_until_answering(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} while starting")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} while starting")
         try:
             with opener.open(url, timeout=2):
                 return
@@ -207,7 +188,7 @@ def fake_github_server(root: Path, workdir: Path, tls: tuple[Path, Path] | None 
         yield server
 
 
-def proxy_config(fake_url: str, ca_file: Path | None = None) -> dict[str, Any]:
+def proxy_config(fake_url: str, ca_file: Path | None = None, push: Mapping[str, Any] | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {
         "upstreams": [{"host": "github.com", "url": fake_url}],
         "github": {
@@ -225,6 +206,8 @@ def proxy_config(fake_url: str, ca_file: Path | None = None) -> dict[str, Any]:
     }
     if ca_file is not None:
         config["tls"] = {"caFile": str(ca_file)}
+    if push is not None:
+        config["github"]["appInstallation"]["auth"][0]["push"] = dict(push)
     return config
 
 
@@ -236,13 +219,26 @@ def proxy_command() -> list[str]:
 
 @contextlib.contextmanager
 def token_proxy_server(
-    fake_url: str, workdir: Path, ca_file: Path | None = None, name: str = "proxy", env: Mapping[str, str] | None = None
-) -> Iterator[Server]:
+    fake_url: str, workdir: Path, ca_file: Path | None = None, name: str = "proxy",
+    env: Mapping[str, str] | None = None, mirror_dir: Path | None = None, push: Mapping[str, Any] | None = None,
+    access: Mapping[str, Any] | None = None,
+) -> Iterator[Server]:  # fmt: skip
+    """The proxy as users run it (the console script), with a static token for acme's repos; with `mirror_dir`, the
+    mirror on; with `push`, that push policy on the entry; with `access`, that access section. `env` is added to
+    this process's environment."""
+    config = proxy_config(fake_url, ca_file, push)
+    if access is not None:
+        config["access"] = dict(access)
+    if mirror_dir is not None:
+        config["mirror"] = {"dir": str(mirror_dir)}
     config_file = workdir / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump(proxy_config(fake_url, ca_file), sort_keys=False))
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
+    # Another checkout (a --variant's PYTHONPATH) runs as `python -m proxy`: the installed script's entry point is
+    # this tree's, which an older checkout may not have.
+    launcher = [sys.executable, "-m", "proxy"] if env and "PYTHONPATH" in env else proxy_command()
     command = [
-        *proxy_command(), "serve", "--config", str(config_file), "--host", HOST, "--port", str(port),
+        *launcher, "serve", "--config", str(config_file), "--host", HOST, "--port", str(port),
         "--log-level", "WARNING",
     ]  # fmt: skip
     log_file = workdir / f"{name}.log"
@@ -369,13 +365,13 @@ def timed_clone(url: str, scratch: Path, env: Mapping[str, str], expected_head: 
     """Seconds for one bare clone into a fresh directory, after checking it holds the expected commit."""
     destination = Path(tempfile.mkdtemp(dir=scratch, prefix="clone-")) / "big.git"
     try:
-        started = time.perf_counter()
+        watch = Stopwatch()
         # --bare: no checkout, so the time is the transfer plus index-pack, which is what a proxy can affect.
         done = subprocess.run(
             ["git", "clone", "--quiet", "--bare", url, str(destination)],
             env=dict(env), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
-        elapsed = time.perf_counter() - started
+        elapsed = watch.seconds
         if done.returncode != 0:
             raise RuntimeError(f"clone of {redact(url)} failed ({done.returncode}): {done.stderr.strip()}")
         head = run_git_sync("rev-parse", "HEAD", env=env, cwd=destination).check().stdout.strip()
@@ -510,8 +506,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-clone-") as temp:
-        results = benchmark(args, Path(temp))
+    results = in_scratch("bench-clone-", lambda folder: benchmark(args, folder))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -1,5 +1,7 @@
 """Benchmark: the mirror cache. A clone straight from a throttled fake GitHub, the first clone through the proxy (the
 mirror fills), and a repeat clone through the proxy (the mirror serves): time, speed-up and bytes taken from upstream.
+
+Run: python -m bench.mirror [--json]
 """
 
 from __future__ import annotations
@@ -7,35 +9,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from clone import (
-    BRANCH,
-    HOST,
-    MIB,
-    REPO,
-    TOKEN,
-    BigRepo,
-    build_big_repo,
-    free_port,
-    log,
-    proxy_command,
-    redact,
-    running,
-    wait_until_answering,
-)
-
+from bench.clone import BRANCH, REPO, TOKEN, BigRepo, build_big_repo, redact, token_proxy_server
+from bench.common import HOST, MIB, Stopwatch, in_scratch, log, print_report
 from proxy.testing import FakeGitHub, git_env, run_git_sync
 
 KINDS = ("direct", "first", "repeat")
@@ -97,36 +82,12 @@ def throttled_github(root: Path, bytes_per_second: float) -> Iterator[ThrottledG
 # ---------------------------------------------------------------- the proxy, with a mirror
 
 
-def proxy_config(fake_url: str, mirror_dir: Path) -> dict[str, Any]:
-    return {
-        "upstreams": [{"host": "github.com", "url": fake_url}],
-        "github": {
-            "appInstallation": {
-                "auth": [
-                    {"id": "bench", "type": "OAUTH_TOKEN", "urlPattern": r"(?<baseUrl>github\.com)/acme/.*",
-                     "token": TOKEN},
-                ]
-            }
-        },
-        "mirror": {"dir": str(mirror_dir)},
-    }  # fmt: skip
-
-
 @contextlib.contextmanager
 def mirror_proxy(fake_url: str, workdir: Path) -> Iterator[str]:
     """A fresh proxy over a fresh, empty mirror directory."""
     workdir.mkdir(parents=True)
-    config_file = workdir / "proxy.yaml"
-    config_file.write_text(yaml.safe_dump(proxy_config(fake_url, workdir / "mirror"), sort_keys=False))
-    port = free_port()
-    command = [
-        *proxy_command(), "serve", "--config", str(config_file), "--host", HOST, "--port", str(port),
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    with running(command, workdir / "proxy.log", stdout=subprocess.DEVNULL) as process:
-        url = f"http://{HOST}:{port}"
-        wait_until_answering(f"{url}/healthz", process)
-        yield url
+    with token_proxy_server(fake_url, workdir, name="proxy", mirror_dir=workdir / "mirror") as proxy:
+        yield proxy.url
 
 
 # ---------------------------------------------------------------- cloning
@@ -141,13 +102,13 @@ class Clone:
 def timed_clone(url: str, destination: Path, github: ThrottledGitHub, repo: BigRepo, timeout: float) -> Clone:
     env = git_env(destination.parent / "home")
     before = github.upload_pack_bytes
-    started = time.perf_counter()
+    watch = Stopwatch()
     # --bare: the transfer plus index-pack, which is what a proxy can change; no checkout.
     done = subprocess.run(
         ["git", "clone", "--quiet", "--bare", url, str(destination)],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    elapsed = time.perf_counter() - started
+    elapsed = watch.seconds
     if done.returncode != 0:
         raise RuntimeError(f"clone of {redact(url)} failed ({done.returncode}): {done.stderr.strip()}")
     head = run_git_sync("rev-parse", f"refs/heads/{BRANCH}", env=env, cwd=destination).check().stdout.strip()
@@ -195,7 +156,7 @@ def summarize(repo: BigRepo, clones: dict[str, list[Clone]], args: argparse.Name
     }  # fmt: skip
 
 
-def render_table(results: dict[str, Any]) -> str:
+def render_table(results: Mapping[str, Any]) -> str:
     repo, median, upstream = results["repo"], results["median_s"], results["upstream_bytes_median"]
     lines = [
         f"`{repo['name']}`: {repo['files']} random blobs, {repo['payload_mib']:.0f} MiB payload, "
@@ -217,19 +178,20 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    log(f"building {REPO}: {args.size_mib} MiB of random blobs in {args.file_mib} MiB files ...")
+    repo = build_big_repo(workdir / "github", args.size_mib, args.file_mib)
+    log(f"  done in {time.monotonic() - started:.1f}s, {repo.on_disk_bytes / MIB:.1f} MiB on disk")
+    with throttled_github(workdir / "github", args.rate_mib * MIB) as github:
+        log(f"fake GitHub {github.url}, {args.rate_mib:g} MiB/s")
+        clones = run_rounds(github, repo, args, workdir)
+    return summarize(repo, clones, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-mirror-") as temp:
-        workdir = Path(temp)
-        started = time.monotonic()
-        log(f"building {REPO}: {args.size_mib} MiB of random blobs in {args.file_mib} MiB files ...")
-        repo = build_big_repo(workdir / "github", args.size_mib, args.file_mib)
-        log(f"  done in {time.monotonic() - started:.1f}s, {repo.on_disk_bytes / MIB:.1f} MiB on disk")
-        with throttled_github(workdir / "github", args.rate_mib * MIB) as github:
-            log(f"fake GitHub {github.url}, {args.rate_mib:g} MiB/s")
-            clones = run_rounds(github, repo, args, workdir)
-    results = summarize(repo, clones, args)
-    print(json.dumps(results, indent=2) if args.json else render_table(results))
+    print_report(in_scratch("bench-mirror-", lambda folder: benchmark(args, folder)), args.json, render_table)
     return 0
 
 

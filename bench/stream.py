@@ -15,13 +15,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import clone
-from bench.clone import HOST, Server, cpu_seconds, log
+from bench.clone import Server, cpu_seconds
+from bench.common import HOST, STARTUP_TIMEOUT, Stopwatch, log
 
 UPSTREAM_SCRIPT = Path(__file__).resolve().with_name("_stream_upstream.py")
 TARGET = "/github.com/acme/big.git/git-upload-pack"
@@ -45,7 +45,7 @@ def bare_upstream(workdir: Path, size_mib: int, mode: str) -> Iterator[Server]:
     command = [sys.executable, str(UPSTREAM_SCRIPT), "--host", HOST, "--size-mib", str(size_mib), *MODES[mode]]
     log_file = workdir / f"stream-upstream-{mode}.log"
     with clone.running(command, log_file, stdout=subprocess.PIPE) as process:
-        yield Server("bare upstream", process, clone.read_first_line(process, clone.STARTUP_TIMEOUT), log_file)
+        yield Server("bare upstream", process, clone.read_first_line(process, STARTUP_TIMEOUT), log_file)
 
 
 def fetch(url: str) -> int:
@@ -111,9 +111,9 @@ def stream_rounds(
             for number in range(-1, rounds):
                 for path, url in urls.items():
                     pid = servers[path].pid if path in servers else None
-                    before, started = (cpu_seconds(pid) if pid else None), time.perf_counter()
+                    before, watch = (cpu_seconds(pid) if pid else None), Stopwatch()
                     gib = fetch(url) / (1 << 30)
-                    elapsed = time.perf_counter() - started
+                    elapsed = watch.seconds
                     if number < 0:
                         continue
                     result.seconds[path].append(elapsed)

@@ -16,8 +16,6 @@ import contextlib
 import datetime
 import http.client
 import ipaddress
-import json
-import os
 import platform
 import shutil
 import statistics
@@ -25,13 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import clone, stream, token_lookup
-from bench.clone import HOST, MIB, REPO, TOKEN, Server, cpu_seconds, log, proc_status_mib, reset_peak_rss
+from bench.clone import REPO, TOKEN, Server, cpu_seconds, proc_status_mib, reset_peak_rss
+from bench.common import HOST, MIB, Stopwatch, cpus, in_scratch, log, percentile, print_report
 from proxy.testing import FakeGitHub, git_env
 
 SMALL_REPO = "acme/small"
@@ -198,11 +197,6 @@ def clone_rounds(world: Stack, repo: clone.BigRepo, args: argparse.Namespace, sc
     return result
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
 def info_refs_latency(world: Stack, count: int) -> dict[str, list[float]]:
     """Warm GET info/refs on one keep-alive connection per path, the paths taking turns; milliseconds."""
     credential = base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
@@ -225,11 +219,11 @@ def info_refs_latency(world: Stack, count: int) -> dict[str, list[float]]:
             # up after it (a fixed order gave whichever path came second about 0.2 ms more, every time).
             for path in order[number % len(order) :] + order[: number % len(order)]:
                 _, target, sent = targets[path]
-                started = time.perf_counter()
+                watch = Stopwatch()
                 connections[path].request("GET", target, headers=sent)
                 answer = connections[path].getresponse()
                 answer.read()
-                elapsed = (time.perf_counter() - started) * 1000
+                elapsed = watch.ms
                 if answer.status != 200:
                     raise RuntimeError(f"info/refs through {path} answered {answer.status}")
                 if number >= 0:
@@ -244,22 +238,21 @@ def concurrent_clones(world: Stack, path: str, count: int, scratch: Path, timeou
     """`count` clones of the small repo at once; wall time and how many failed (or were still running at the end)."""
     url = world.clone_url(path, SMALL_REPO)
     target = Path(tempfile.mkdtemp(dir=scratch, prefix=f"many-{path}-"))
-    started = time.perf_counter()
+    watch = Stopwatch()
     processes = [
         subprocess.Popen(["git", "clone", "--quiet", "--bare", url, str(target / f"{index}.git")], env=world.env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for index in range(count)
     ]  # fmt: skip
     errors = 0
-    deadline = started + timeout
     for process in processes:
         try:
-            errors += process.wait(timeout=max(0.1, deadline - time.perf_counter())) != 0
+            errors += process.wait(timeout=max(0.1, timeout - watch.seconds)) != 0
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             errors += 1
-    elapsed = time.perf_counter() - started
+    elapsed = watch.seconds
     shutil.rmtree(target, ignore_errors=True)
     return elapsed, errors
 
@@ -314,9 +307,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.partition(":")[2].strip()
                 break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{cores} cores (nproc), {model}; Python {platform.python_version()}; {platform.system()} {platform.release()}"
+        f"{cpus()} cores (nproc), {model}; Python {platform.python_version()}; {platform.system()} {platform.release()}"
     )
 
 
@@ -387,7 +379,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def render(results: Mapping[str, Any], variants: bool = True) -> str:
     args = results["args"]
     nginx_ok = not str(results["nginx"]).startswith("not installed")
-    paths = [path for path in PATHS if path != "nginx" or nginx_ok] + (list(args["variants"]) if variants else [])
+    variant_paths: list[str] = list(args["variants"]) if variants else []
+    paths = [path for path in PATHS if path != "nginx" or nginx_ok] + variant_paths
     rows: list[list[str]] = []
 
     def row(name: str, values: Mapping[str, str]) -> None:
@@ -457,11 +450,8 @@ def render(results: Mapping[str, Any], variants: bool = True) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("git") is None:
-        raise SystemExit("git is not on PATH")
-    with tempfile.TemporaryDirectory(prefix="bench-suite-") as temp:
-        results = benchmark(args, Path(temp))
-    print(json.dumps(results, indent=2) if args.json else render(results))
+    results = in_scratch("bench-suite-", lambda folder: benchmark(args, folder))
+    print_report(results, args.json, render)
     if args.readme:
         write_into_readme(render(results, variants=False))
     return 0

@@ -5,15 +5,12 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from .app import create_app
-from .config import parse_config
-from .forward.guards import RUNNER_ARGS
 from .testing import FakeGitHub, GitResult, generate_app_key, git_env, insteadof_env, pkcs1_pem, run_git
+from .testing.harness import start_proxy_app
 
 REPO = "acme/private-repo"
 OTHER_REPO = "acme/another-repo"
@@ -30,13 +27,6 @@ def _step(text: str) -> None:
 def _show(result: GitResult) -> None:
     for line in (result.stdout + result.stderr).strip().splitlines():
         print(f"    {line}")
-
-
-async def _start_proxy(config_data: dict[str, Any]) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(await create_app(parse_config(config_data, "demo config")), **RUNNER_ARGS)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def run_demo() -> int:
@@ -79,7 +69,7 @@ async def _run(root: Path, fake: FakeGitHub, runners: list[web.AppRunner]) -> in
             }
         },
     }  # fmt: skip
-    runner, proxy_url = await _start_proxy(config)
+    runner, proxy_url = await start_proxy_app(config)
     runners.append(runner)
     _step(f"Starting git-token-proxy at {proxy_url}")
     print("    auth entry 'acme-ci' (GITHUB_APP_INSTALLATION) for (?<baseUrl>github\\.com)/acme/.*")

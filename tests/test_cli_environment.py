@@ -15,7 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.testing import pkcs1_pem
-from tests.test_cli import free_port, run_cli, wait_for_healthz
+from proxy.testing.process import free_port
+from tests.test_cli import run_cli, wait_for_healthz
 
 CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("GIT_TOKEN_PROXY_")}
 STATIC = "upstreams:\n  - host: github.com\n"

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy.coalesce import AFTER, PAUSE, SMALL_READ, pause_after_small_read
-from tests.conftest import StartProxy, UpstreamApp
+from tests.support import StartProxy, UpstreamApp
 from tests.test_forward import config_for, raw_request
 
 UPLOAD_PACK = "/github.com/acme/private.git/git-upload-pack"

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.testing import FakeGitHub, git_env, run_git
-from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
+from tests.support import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
 
 INFO_REFS = "/github.com/acme/private.git/info/refs?service=git-upload-pack"
 

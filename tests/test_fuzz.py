@@ -18,10 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import create_app
-from proxy.config import parse_config
 from proxy.testing import FakeGitHub
-from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, TrapServer, static_config
+from proxy.testing.harness import start_proxy_app
+from tests.support import PRIVATE_FILES, STATIC_TOKEN, TrapServer, static_config
 
 T = TypeVar("T")
 EXAMPLES = 1500
@@ -38,8 +37,6 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Fake GitHub and proxy on their own event loop thread, so hypothesis can drive them with plain sockets."""
-    from aiohttp import web
-
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -54,13 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     trap = TrapServer()
     run(fake.start())
 
-    async def start_proxy() -> web.AppRunner:
-        runner = web.AppRunner(await create_app(parse_config(static_config(fake.url))), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = run(start_proxy())
+    runner, _ = run(start_proxy_app(static_config(fake.url)))
     yield Served(runner.addresses[0][1], fake, trap)
     run(runner.cleanup())
     run(fake.close())

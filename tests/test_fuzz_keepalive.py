@@ -23,9 +23,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from proxy.app import create_app
-from proxy.config import parse_config
-from tests.conftest import STATIC_TOKEN, static_config
+from proxy.testing.harness import start_proxy_app
+from tests.support import STATIC_TOKEN, static_config
 
 T = TypeVar("T")
 ALLOWED = {
@@ -86,9 +85,7 @@ def harness() -> Iterator[Harness]:
         await upstream_runner.setup()
         await web.TCPSite(upstream_runner, "127.0.0.1", 0).start()
         url = f"http://127.0.0.1:{upstream_runner.addresses[0][1]}"
-        proxy_runner = web.AppRunner(await create_app(parse_config(static_config(url))), access_log=None)
-        await proxy_runner.setup()
-        await web.TCPSite(proxy_runner, "127.0.0.1", 0).start()
+        proxy_runner, _ = await start_proxy_app(static_config(url))
         return upstream_runner, proxy_runner, proxy_runner.addresses[0][1]
 
     upstream_runner, proxy_runner, port = run(start())

@@ -16,7 +16,8 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.testing import pkcs1_pem
-from tests.conftest import free_port, static_config
+from proxy.testing.process import free_port
+from tests.support import static_config
 
 ROOT = Path(__file__).parent.parent
 

@@ -9,7 +9,7 @@ from proxy.errors import HandleRefused
 from proxy.lfs import HandleStore, StorageAction
 from proxy.lfs.handles import MAX_HANDLES, MAX_HANDLES_PER_CLIENT
 from proxy.routing import Router
-from tests.conftest import static_config
+from tests.support import static_config
 
 
 class Clock:

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, Git, StartProxy, app_config
+from tests.support import AcmeApp, Git, StartProxy, app_config
 
 
 async def scrape(proxy: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -102,11 +102,10 @@ async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
     keep /readyz at 503 once GitHub answers well again: the next round succeeds, and a reload forgets a limit."""
     import asyncio
 
-    from aiohttp import web
-
-    from proxy.app import PROXY, create_app
+    from proxy.app import PROXY
     from proxy.config import parse_config
     from proxy.testing import CannedAnswer
+    from proxy.testing.harness import start_proxy_app
 
     fake_github.apps.script_next(
         "app",
@@ -116,11 +115,9 @@ async def test_readyz_recovers_after_malformed_and_rate_limited_app_answers(
     )
     readiness = {"checkGitHub": True, "interval": "200ms", "maxAge": "1s"}
     config = {**app_config(fake_github.url, acme_app), "readiness": readiness}
-    app = await create_app(parse_config(config))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/readyz"
+    runner, proxy_url = await start_proxy_app(config)
+    app = runner.app
+    url = f"{proxy_url}/readyz"
 
     async def ready_within(seconds: float) -> bool:
         deadline = asyncio.get_running_loop().time() + seconds
@@ -191,7 +188,7 @@ async def test_github_unreachable_at_start_up_leaves_the_proxy_ready(
 ) -> None:
     import asyncio
 
-    from tests.conftest import free_port
+    from proxy.testing.process import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: a network blip at start-up
     config = app_config(closed, acme_app, settings={"httpClientTimeout": "1s"})

@@ -22,7 +22,7 @@ from proxy.metrics import Metrics
 from proxy.mirror import Mirror, MirrorAnswer, is_pack_request
 from proxy.mirror.pktline import NotAPackRequest, parse_pack_request
 from proxy.testing import FakeGitHub, git_env, run_git_sync
-from tests.conftest import Git
+from tests.support import Git
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -286,6 +286,29 @@ async def test_a_shallow_boundary_upstream_no_longer_reaches_brings_nothing_purg
 
     args = (f"shallow {s2}", "deepen 2147483647")
     body = v2_fetch(base, args=args) if version == 2 else v0_fetch(base, args=args)
+    protocol = "version=2" if version == 2 else None
+    assert await mirror.answer_pack(repo_ref("acme/app"), body, protocol, url, credential) is None  # upstream's
+
+
+@pytest.mark.parametrize("version", [2, 0])
+async def test_an_id_with_a_newline_cannot_end_the_reachability_check_early(
+    fake_github: FakeGitHub, credential: Credential, mirror: Mirror, version: int
+) -> None:
+    """Red team, round 4 again: `shallow <a reachable id>` with one newline too many, then `want <purged>`. The id
+    passed a `$`-anchored check with its newline, and the empty line it made ended `git rev-list --stdin`'s list
+    before the purged want: the mirror served the secret. Ids are whole lines of 40 hex or the request is not
+    the mirror's to answer."""
+    fake_github.create_repo("acme/app", FILES)
+    url = upstream_url(fake_github, "acme/app")
+    base = fake_github.head("acme/app")
+    secret = fake_github.commit("acme/app", "secret.txt", b"a key pushed by mistake\n")
+    answer = await mirror.answer_pack(repo_ref("acme/app"), v2_fetch(secret), "version=2", url, credential)
+    assert answer is not None
+    await read_all(answer)
+    fake_github.purge("acme/app", "main", base)
+
+    args = (f"shallow {base}\n",)  # pkt() adds the usual newline: this one is the extra
+    body = v2_fetch(secret, args=args) if version == 2 else v0_fetch(secret, args=args)
     protocol = "version=2" if version == 2 else None
     assert await mirror.answer_pack(repo_ref("acme/app"), body, protocol, url, credential) is None  # upstream's
 

@@ -16,7 +16,7 @@ from proxy.config import load_config
 from proxy.logs import Redactor
 from proxy.serve import ConfigWatcher, Reloader, keep_running, reload_config
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, app_config
+from tests.support import AcmeApp, app_config
 from tests.test_config import alias_bomb
 
 

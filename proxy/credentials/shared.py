@@ -238,8 +238,9 @@ class SharedTokens:
 
 
 # Past a waiter's deadline, a holder that appeared after it (another waiter that took the lease over, minting now)
-# has this long to publish before it is given up on too: a mint takes well under a second.
-POST_DEADLINE_GRACE = 2.0
+# has half a lease's life to publish before it is given up on too: a mint takes well under a second, but a loaded
+# replica must not be robbed of a lease it took fairly (that would be a second mint).
+MIN_POST_DEADLINE_GRACE = 2.0
 
 
 @dataclass
@@ -247,7 +248,7 @@ class LeaseWait:
     """A replica waiting on another's lease. The holders get the lease's life, counted from when this waiter
     began (a writer that keeps changing the holder's value must not restart the clock); past it, the waiter gives
     up on the holder (`given_up_on`) and takes the lease itself, so that the fleet still mints once. A holder that
-    appeared after the deadline gets POST_DEADLINE_GRACE first. Past twice the lease's life it mints on its own."""
+    appeared after the deadline gets half a lease's life first. Past twice the lease's life it mints on its own."""
 
     started: float
     lease_ttl: float
@@ -264,7 +265,8 @@ class LeaseWait:
         deadline = self.started + self.lease_ttl + 1
         if holder == self.given_up_on or now <= deadline:
             return False
-        if self.holder_since <= deadline or now > deadline + POST_DEADLINE_GRACE:
+        grace = max(MIN_POST_DEADLINE_GRACE, self.lease_ttl / 2)
+        if self.holder_since <= deadline or now > deadline + grace:
             self.given_up_on = holder
             return True
         return False

@@ -57,11 +57,17 @@ class ProxiedGitHub:
         return proxy_config(self.github.url, self.app, self.key_file)
 
 
-def proxy_config(fake_url: str, app: FakeApp, key_file: Path) -> dict[str, Any]:
-    """github.com and its API are the fake; one app entry for every repo on it."""
-    entry = {"id": "test-app", "type": "GITHUB_APP_INSTALLATION", "urlPattern": r"(?<baseUrl>github\.com)/.*",
-             "apiUrl": fake_url, "clientId": app.client_id, "privateKey": str(key_file)}  # fmt: skip
-    return {"upstreams": [{"host": "github.com", "url": fake_url}], "github": {"appInstallation": {"auth": [entry]}}}
+def proxy_config(
+    fake_url: str, app: FakeApp, key_file: Path, settings: Mapping[str, Any] | None = None, **entry: Any
+) -> dict[str, Any]:
+    """github.com and its API are the fake; one app entry, for every repo on it unless `entry` says otherwise
+    (`entry` adds or replaces the entry's keys: id, urlPattern, ...; `settings` go into github.appInstallation)."""
+    app_entry = {"id": "test-app", "type": "GITHUB_APP_INSTALLATION", "urlPattern": r"(?<baseUrl>github\.com)/.*",
+                 "apiUrl": fake_url, "clientId": app.client_id, "privateKey": str(key_file), **entry}  # fmt: skip
+    return {
+        "upstreams": [{"host": "github.com", "url": fake_url}],
+        "github": {"appInstallation": {"auth": [app_entry], **(settings or {})}},
+    }
 
 
 def build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
@@ -80,7 +86,10 @@ def build_fake(root: Path, repos: Repos) -> tuple[FakeGitHub, FakeApp, Path]:
     return fake, app, key_file
 
 
-async def _start_proxy(config: dict[str, Any]) -> tuple[web.AppRunner, str]:
+async def start_proxy_app(config: Mapping[str, Any]) -> tuple[web.AppRunner, str]:
+    """The proxy app from a config dict, served on a free loopback port of this event loop the way `serve` serves
+    it (not aiohttp's TestServer, which cancels handlers when a client hangs up, which production does not).
+    Returns its runner (`cleanup()` stops it) and its base URL."""
     from ..app import create_app  # the proxy itself; imported here so that the fake alone stays light
     from ..config import parse_config
     from ..forward.guards import RUNNER_ARGS
@@ -97,7 +106,7 @@ async def async_proxied_github(root: Path, repos: Repos) -> AsyncIterator[Proxie
     fake, app, key_file = build_fake(root, repos)
     await fake.start()
     try:
-        runner, proxy_url = await _start_proxy(proxy_config(fake.url, app, key_file))
+        runner, proxy_url = await start_proxy_app(proxy_config(fake.url, app, key_file))
         try:
             yield ProxiedGitHub(fake, app, proxy_url, key_file)
         finally:

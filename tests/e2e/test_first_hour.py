@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from proxy.testing import FakeGitHub, generate_app_key, insteadof_env, pkcs1_pem
-from tests.conftest import AcmeApp, Git, ServeProcess, StartProxy, app_config, free_port, kill_all
+from proxy.testing.process import ServeProcess, free_port
+from tests.support import AcmeApp, Git, StartProxy, app_config
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -31,32 +32,15 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-class EnvServeProcess(ServeProcess):
+@pytest.fixture
+def env_serve(serve_process: Any) -> Any:
     """`python -m proxy serve` without a config file: everything comes from the environment."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], *extra: str) -> None:
-        super().__init__(tmp_path, {}, *extra)
-        self.env = env
-
-    async def start(self) -> None:
-        args = ["-m", "proxy", "serve", "--port", str(self.port), *self.extra]
-        with self.stderr_path.open("wb") as stderr:
-            self.process = await asyncio.create_subprocess_exec(sys.executable, *args, stderr=stderr, env=self.env)
-        await self.wait_for(lambda: self.answers("/healthz"), "the proxy to start")
-
-
-@pytest.fixture
-async def env_serve(tmp_path: Path) -> Any:
-    started: list[EnvServeProcess] = []
-
-    async def start(env: dict[str, str], *extra: str) -> EnvServeProcess:
-        process = EnvServeProcess(tmp_path, env, *extra)
-        started.append(process)
-        await process.start()
+    async def start(env: dict[str, str], *extra: str) -> ServeProcess:
+        process: ServeProcess = await serve_process(None, *extra, env=env)
         return process
 
-    yield start
-    await kill_all(started)
+    return start
 
 
 # ---------------------------------------------------------------- item 2: no config file for one app

@@ -15,9 +15,10 @@ import pytest
 from proxy.credentials.redis_store import RedisStore
 from proxy.metrics import Metrics
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, Git, RedisServer, Replicas
+from proxy.testing.redis import RedisServer
 from tests.e2e.test_fleet import fleet_config, stored_values
 from tests.e2e.test_least_privilege import try_push
+from tests.support import AcmeApp, Git, Replicas
 
 
 def keys_of(redis: RedisServer) -> set[str]:
@@ -128,6 +129,41 @@ async def test_waiters_that_give_up_on_a_stuck_holder_take_the_lease_and_mint_on
         await renewing
     assert fake_github.apps.count("mint") == 2, "the waiters minted beside each other"  # the first clone's, and one
     assert replicas.metric(1, "git_token_proxy_lease_waits_total") == 1
+
+
+async def test_a_writer_that_keeps_changing_the_holder_does_not_restart_the_wait(
+    fake_github: FakeGitHub, acme_app: AcmeApp, redis_server: RedisServer, git: Git, replicas: Replicas
+) -> None:
+    """Red team, round 4 again: a lease that looks like ours, set again every 0.2 s with a new holder value each
+    time. Each new holder used to restart the waiters' clocks, so that they waited twice the lease's life. A
+    writer that controls the key can always make replicas mint on their own (no value tells its holders apart);
+    what holds is that the waiters take the lease past its life and clone, and mint no more than they would
+    without a fleet. (The clock itself: test_lease_wait's unit tests, on a clock of their own.)"""
+    config, lease = await _learn_the_lease_key(fake_github, acme_app, redis_server, git, replicas, "2s")  # 7 s leases
+    _forget_every_token(fake_github, redis_server)
+    stop = asyncio.Event()
+
+    async def rotate_for_ever() -> None:
+        turn = 0
+        while not stop.is_set():
+            held = redis_server.command("GET", lease)
+            if held == b"$-1\r\n" or b"attacker-" in held:
+                turn += 1
+                redis_server.command("SET", lease, f"attacker-{turn:06}", "PX", "5000")
+            await asyncio.sleep(0.2)
+
+    rotating = asyncio.create_task(rotate_for_ever())
+    await asyncio.sleep(0.3)
+    try:
+        a, b = await replicas.start(config), await replicas.start(config)
+        await asyncio.gather(
+            git("clone", "--quiet", f"{a}/github.com/acme/private", "a"),
+            git("clone", "--quiet", f"{b}/github.com/acme/other", "b"),
+        )
+    finally:
+        stop.set()
+        await rotating
+    assert fake_github.apps.count("mint") <= 3  # the first clone's, and at most one per replica
 
 
 async def _learn_the_lease_key(

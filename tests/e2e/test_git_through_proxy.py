@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.testing import FakeGitHub, insteadof_env, run_git_sync
-from tests.conftest import STATIC_TOKEN, Git, StartProxy, static_config
+from tests.support import STATIC_TOKEN, Git, StartProxy, static_config
 
 
 async def commit(git: Git, worktree: Path, files: dict[str, bytes], message: str) -> str:

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from proxy.testing import FakeGitHub, openssh_pem, pkcs8_pem
-from tests.conftest import AcmeApp, Git, StartProxy, app_config
+from tests.support import AcmeApp, Git, StartProxy, app_config
 
 
 async def clone(git: Git, proxy: str, repo: str, dest: str, check: bool = True) -> str:
@@ -308,7 +308,7 @@ async def test_repo_installation_tells_a_repo_outside_the_selection_apart(
     fake_github: FakeGitHub, acme_app: AcmeApp
 ) -> None:
     """For `check --repo`: the owner has an installation, but it may not have selected this repo."""
-    from proxy.app import build_api_session, build_credential_sources, build_token_cache, load_app_keys
+    from proxy.app import build_api_session, build_credentials
     from proxy.config import parse_config
     from proxy.credentials.github_app import GitHubAppSource
     from proxy.metrics import Metrics
@@ -317,8 +317,7 @@ async def test_repo_installation_tells_a_repo_outside_the_selection_apart(
     selected = fake_github.apps.add_installation(acme_app.app, "octo", repos=["octo/tool"])
     config = parse_config(app_config(fake_github.url, acme_app, urlPattern=r"(?<baseUrl>github\.com)/.*"))
     async with build_api_session(config) as session:
-        sources = build_credential_sources(config, session, load_app_keys(config), build_token_cache(config), Metrics())
-        source = sources["acme-app"]
+        source = (await build_credentials(config, Metrics(), session)).sources["acme-app"]
         assert isinstance(source, GitHubAppSource)
         assert await source.repo_installation(RepoRef("github.com", "octo", "tool")) == selected.id
         assert await source.repo_installation(RepoRef("github.com", "octo", "other")) is None

@@ -17,8 +17,9 @@ import pytest
 from proxy.credentials.answers import MAX_TOKEN_LIFETIME
 from proxy.credentials.github_app import MALFORMED_MINT_PAUSE
 from proxy.testing import CannedAnswer, FakeGitHub, generate_app_key, pkcs1_pem
-from tests.conftest import AcmeApp, Git, ServeProcess, StartProxy, app_config
+from proxy.testing.process import ServeProcess
 from tests.e2e.test_github_app import clone, refused_clone
+from tests.support import AcmeApp, Git, StartProxy, app_config
 from tests.test_metrics import scrape, value
 
 JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJJdjIzbGkxMjM0In0.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmU"
@@ -313,7 +314,7 @@ async def test_a_rotated_key_mints_a_new_token_even_with_a_fixed_installation(
 async def test_control_characters_from_upstream_are_never_a_500(
     raw: bytes, expected: int, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.conftest import static_config
+    from tests.support import static_config
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from proxy.testing import FakeGitHub
-from tests.conftest import AcmeApp, Git, StartProxy, app_config
 from tests.e2e.test_git_through_proxy import commit
+from tests.support import AcmeApp, Git, StartProxy, app_config
 
 RUNNER_TOKEN = "runner-a-secret-token-0001"
 READER_TOKEN = "reader-secret-token-000002"

@@ -21,7 +21,7 @@ import pytest
 
 from proxy.testing import FakeGitHub
 from proxy.testing.fake_lfs import FakeLfs
-from tests.conftest import Git, StartProxy, static_config
+from tests.support import Git, StartProxy, static_config
 
 MiB = 1024 * 1024
 REPO = "acme/private"

@@ -22,8 +22,8 @@ from proxy.lfs import HandleStore, LfsPolicy, rewrite_batch_answer
 from proxy.lfs.batch import _ttl
 from proxy.testing import FakeGitHub
 from proxy.testing.fake_lfs import FakeLfs
-from tests.conftest import StartProxy
 from tests.e2e.test_lfs import batch, href_of, lfs_config, read_only
+from tests.support import StartProxy
 
 
 # ---------------------------------------------------------------- F1: reload making the ENTRY read-only
@@ -126,7 +126,7 @@ def test_F4_a_handle_does_not_keep_a_megabyte_href() -> None:
 
 
 def _minimal() -> dict[str, Any]:
-    from tests.conftest import static_config
+    from tests.support import static_config
 
     return static_config("http://127.0.0.1:9")
 

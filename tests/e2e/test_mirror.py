@@ -16,7 +16,7 @@ import pytest
 
 from proxy.app import PROXY
 from proxy.testing import FakeGitHub
-from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, Replicas, StartProxy, static_config
+from tests.support import PRIVATE_FILES, STATIC_TOKEN, Git, Replicas, StartProxy, static_config
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -26,8 +26,8 @@ import pytest
 from aiohttp import web
 
 from proxy.testing import FakeGitHub
-from tests.conftest import PRIVATE_FILES, STATIC_TOKEN, Git, StartProxy, UpstreamApp, static_config
 from tests.e2e.nested_upstream import NestedUpstream, static_entry, v2_fetch
+from tests.support import PRIVATE_FILES, STATIC_TOKEN, Git, StartProxy, UpstreamApp, static_config
 from tests.test_forward import config_for
 
 TOKEN_A, TOKEN_B = "token-team-a-1111", "token-team-b-2222"
@@ -297,7 +297,7 @@ async def test_a_chunked_pack_request_over_the_mirrors_limit_goes_upstream_whole
 async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
     start_proxy: StartProxy, upstream_app: UpstreamApp, tmp_path: Path
 ) -> None:
-    """Three pack requests of 12 MiB, 1 MiB of each sent, the rest pending: with mirror.maxHeldBodies at 2 MiB the
+    """Three pack requests of 12 MiB, 1 MiB of each sent, the rest pending: with mirror.maxHeldBodies at 2.5 MiB the
     proxy holds the first two's megabyte and passes the third on as it comes (upstream sees it start), instead of
     holding all three. The budget counts bytes that arrived, not what a Content-Length promises. All complete."""
     started: list[int] = []
@@ -308,7 +308,7 @@ async def test_pack_requests_together_hold_no_more_than_max_held_bodies(
         finished.append(sum([len(chunk) async for chunk in request.content.iter_any()]))
         return web.Response(status=200, content_type="application/x-git-upload-pack-result")
 
-    config = mirror_in_front_of(await upstream_app(handler), tmp_path / "m", maxHeldBodies="2MiB")
+    config = mirror_in_front_of(await upstream_app(handler), tmp_path / "m", maxHeldBodies="2560KiB")
     proxy = await start_proxy(config)
     size = 12 << 20
     port = int(proxy.rsplit(":", 1)[1])

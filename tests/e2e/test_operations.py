@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 
 from proxy.testing import FakeGitHub, pkcs1_pem
-from tests.conftest import AcmeApp, Git, app_config, free_port
+from proxy.testing.process import free_port
+from tests.support import AcmeApp, Git, app_config
 from tests.test_config import alias_bomb
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 from typing import Any
 
 import pytest
@@ -23,7 +24,8 @@ from proxy.config import parse_config
 from proxy.credentials import Credential
 from proxy.routing import RepoRef
 from proxy.testing import FakeGitHub
-from tests.conftest import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
+from proxy.testing.harness import start_proxy_app
+from tests.support import STATIC_TOKEN, StartProxy, TrapServer, UpstreamApp, static_config
 from tests.test_forward import INFO_REFS, config_for, raw_request
 
 LFS_BATCH = "/github.com/acme/private.git/info/lfs/objects/batch"
@@ -278,9 +280,7 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_the_upstream_connect
 
     config = config_for(await upstream_app(endless))
     config["server"] = {"writeTimeout": "1s", "maxUpstreamConnections": 1}
-    runner = web.AppRunner(await create_app(parse_config(config)), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner, _ = await start_proxy_app(config)
     port = runner.addresses[0][1]
     try:
         stalled = await asyncio.open_connection("127.0.0.1", port)
@@ -568,3 +568,47 @@ async def test_one_clients_slow_bodies_take_at_most_half_of_the_body_slots(
     assert len(arrived) == 2, "client a's second body should wait for its share, client b's should not"
     for writer in writers:
         writer.close()
+
+
+async def test_a_client_reading_an_answer_at_a_trickle_lets_go_of_its_upstream_connection(
+    start_proxy: StartProxy, upstream_app: UpstreamApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team, round 4 again: clones that read 1 KiB a second are never quiet for writeTimeout, and eight of
+    them held a pool of eight while an ls-remote waited over 45 s. A client that holds an answer up (bytes wait
+    for it) must read at least server.minAnswerRate over each window, or its transfer is cut; the next request
+    then has the connection."""
+    caplog.set_level(logging.INFO)
+
+    answered: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        answered.append(1)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-git-upload-pack-advertisement"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64 if len(answered) == 1 else 1):  # 64 MiB: more than the socket buffers on the way
+                await response.write(b"\0" * (1 << 20))
+        return response
+
+    config = config_for(await upstream_app(handler))
+    config["server"] = {"writeTimeout": "2s", "maxUpstreamConnections": 1, "minAnswerRate": "8KiB"}
+    proxy = await start_proxy(config)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port_of(proxy)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {INFO_REFS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+
+    def cut() -> list[str]:
+        return [m for r in caplog.records if "aborting the transfer" in (m := r.getMessage()) and "minAnswerRate" in m]
+
+    with contextlib.suppress(ConnectionError):
+        for _ in range(40):  # 2 KiB a second at most, for up to 20 s (the kernel's buffers hold megabytes)
+            if cut() or not await reader.read(1024):
+                break
+            await asyncio.sleep(0.5)
+    writer.close()
+    assert cut(), "the slow reader was never cut for its rate"
+    status, _, _ = await asyncio.wait_for(raw_request(proxy, INFO_REFS), timeout=10)
+    assert status == 200 and len(answered) == 2  # the one upstream connection is free again

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.testing import FakeGitHub, git_env, run_git_sync
-from tests.conftest import StartProxy, static_config
+from tests.support import StartProxy, static_config
 
 
 @dataclass
