@@ -15,8 +15,10 @@ from aiohttp.typedefs import Handler
 
 from . import __version__
 from .access import AccessControl
+from .access.verifiers import KeyRegistries
 from .bodies import HeldBytes
 from .config import (
+    AuthEntry,
     Config,
     ConfigError,
     GitHubAppEntry,
@@ -38,6 +40,7 @@ from .forward import (
     forward_lfs_object,
     forward_request,
 )
+from .forward.context import PushSettings
 from .forward.guards import HINTS, Hints, connect_refusal
 from .health import add_ops_routes, probe_github
 from .lfs import LfsPolicy
@@ -49,6 +52,8 @@ from .running import PROXY, Credentials, MirrorService, Proxy, SharedTier
 # of RSS) for app entries, redis-py (about 5 MiB) for cache.redis, the mirror package for mirror.dir. A proxy with
 # static tokens loads none of them.
 if TYPE_CHECKING:
+    from .access.identities import IdentityVerifier
+
     pass
 
 log = logging.getLogger("git_token_proxy.app")
@@ -88,16 +93,42 @@ def api_url_for(entry: GitHubAppEntry, config: Config) -> str:
     """Concord's default: api.github.com for github.com, `/api/v3` on the upstream of a GHES host."""
     if entry.api_url:
         return entry.api_url
-    host = base_url_host(entry.url_pattern)
-    if host == "github.com":
-        return "https://api.github.com"
-    upstream = next((u for u in config.upstreams if u.host == host), None)
-    if upstream is None:
+    url = host_api_url(entry, config)
+    if url is None:
         # Guessing would send this app's JWT to a host nobody named; better to ask.
         raise ConfigError(
             f"auth entry {entry.id!r}: set apiUrl; the urlPattern's baseUrl does not name a configured upstream"
         )
-    return f"{upstream.url}/api/v3"
+    return url
+
+
+def host_api_url(entry: AuthEntry, config: Config) -> str | None:
+    """The REST API of the host an entry's urlPattern names, or None when it names no configured upstream."""
+    host = base_url_host(entry.url_pattern)
+    if host == "github.com":
+        return "https://api.github.com"
+    upstream = next((u for u in config.upstreams if u.host == host), None)
+    return f"{upstream.url}/api/v3" if upstream is not None else None
+
+
+def build_push_settings(config: Config, api_session: aiohttp.ClientSession) -> PushSettings | None:
+    """With a push policy on an entry or a client: the entries' policies, compiled once, and where each entry's
+    fast-forward questions go (an app's API, or the host's for a static token; none: such updates are refused
+    as undecidable)."""
+    entries = [entry for entry in config.auth if entry.push is not None]
+    # An issuer's tokens may bring a policy in their scope claim, whatever the issuer itself says.
+    clients_push = any(client.push is not None for client in config.access.clients) or config.access.issuers
+    if not entries and not clients_push:
+        return None
+    from .push.rules import PushPolicy
+
+    policies = {e.id: PushPolicy.from_config(f"auth entry {e.id!r}", e.push) for e in entries if e.push is not None}
+    api_urls = {}
+    for entry in config.auth:
+        url = api_url_for(entry, config) if isinstance(entry, GitHubAppEntry) else host_api_url(entry, config)
+        if url is not None:
+            api_urls[entry.id] = url
+    return PushSettings(policies, api_session, api_urls)
 
 
 # A lease outlives the longest mint (every API call is bounded by httpClientTimeout) by this much; a holder that
@@ -186,22 +217,24 @@ def rebuild_sources(
 
 def build_context(
     config: Config,
-    session: aiohttp.ClientSession,
+    sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession],
     sources: dict[str, CredentialSource],
     metrics: Metrics,
     mirror: MirrorService | None = None,
+    identities: IdentityVerifier | None = None,
 ) -> ForwardContext:
     """Everything that can fail (patterns, keys, apiUrl) fails here or in the sources, before anything is swapped
     in."""
     router = build_router(config)
+    session, api_session = sessions  # git's, and the API's
     return ForwardContext(
-        router, AccessControl(config.access.clients), sources, session, metrics,
+        router, AccessControl(config.access.clients, identities), sources, session, metrics,
         allowed_hosts=frozenset(host.strip().lower() for host in config.server.allowed_hosts),
         # An inspected body (an LFS batch) is part of the request: it gets the same budget as the headers.
         body_timeout=config.server.header_timeout,
         mirror=mirror.mirror if mirror else None, proof=mirror.proof if mirror else None,
         held_bodies=mirror.held_bodies if mirror else None,
-        lfs=LfsPolicy.from_config(config.lfs),
+        lfs=LfsPolicy.from_config(config.lfs), push=build_push_settings(config, api_session),
     )  # fmt: skip
 
 
@@ -275,7 +308,10 @@ async def create_app(config: Config) -> web.Application:
     session, api_session = build_upstream_session(config), build_api_session(config)
     try:
         credentials = await build_credentials(config, metrics, api_session)
-        context = build_context(config, session, credentials.sources, metrics, mirror := build_mirror(config, metrics))
+        mirror = build_mirror(config, metrics)
+        registry = KeyRegistries(api_session)
+        identities = registry.verifier_for(config)
+        context = build_context(config, (session, api_session), credentials.sources, metrics, mirror, identities)
     except ConfigError:
         await session.close()
         await api_session.close()
@@ -286,11 +322,13 @@ async def create_app(config: Config) -> web.Application:
     slots = body_slots(config.server)
     live = LiveContext(context, transfers, body_slots=BodySlots(slots))
 
-    def rebuild_context(new: Config, previous: Mapping[str, CredentialSource]) -> ForwardContext:
+    def rebuild_context(
+        new: Config, previous: Mapping[str, CredentialSource], identities: IdentityVerifier | None
+    ) -> ForwardContext:
         sources = rebuild_sources(new, api_session, credentials, metrics, previous)
-        return build_context(new, session, sources, metrics, mirror)
+        return build_context(new, (session, api_session), sources, metrics, mirror, identities)
 
-    proxy = Proxy(config, live, session, api_session, credentials, metrics, rebuild_context, mirror)
+    proxy = Proxy(config, live, session, api_session, credentials, metrics, rebuild_context, registry, mirror)
     app = web.Application(handler_args=server_handler_args(config), middlewares=[refuse_connect])
     app[PROXY] = proxy
     app[FORWARD_CONTEXT] = proxy.live

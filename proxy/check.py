@@ -58,6 +58,7 @@ async def run_check(config: Config, source_name: str, repo: str | None, allow_em
     report = Report()
     _print_entries(config)
     _check_entries(config, report, allow_empty)
+    _show_push_policies(config, report)
     await _check_shared_cache(config, report)
     async with build_api_session(config) as session:
         sources = build_credential_sources(config, session, keys, build_token_cache(config), Metrics())
@@ -99,6 +100,20 @@ def _check_entries(config: Config, report: Report, allow_empty: bool) -> None:
             )  # fmt: skip
         else:
             report.add(f"entry {entry.id}", OK, f"matches repos on {', '.join(reach[entry.id])}")
+
+
+def _show_push_policies(config: Config, report: Report) -> None:
+    """Each entry's and client's effective push policy, as a request is checked against it ({client} is filled in
+    with the client's name; an entry's and a client's must both allow a ref update)."""
+    from .push.rules import describe
+
+    for entry in config.auth:
+        if entry.push is not None:
+            report.add(f"push {entry.id}", OK, describe(entry.push))
+    for client in config.access.clients:
+        if client.push is not None:
+            shown = describe(client.push).replace("{client}", client.name)
+            report.add(f"push client {client.name}", OK, shown)
 
 
 def base_url_group(pattern: str) -> str | None:

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import difflib
 import errno
+import json
 import logging
 import os
 import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
@@ -102,6 +104,16 @@ _HEALTH_EXAMPLES = """\
 In a container whose PID 1 is `git-token-proxy serve`, its flags are used: HEALTHCHECK needs none."""
 _DEMO_EXAMPLES = """\
   git-token-proxy demo"""
+_GRANT_EXAMPLES = """\
+  openssl ecparam -genkey -name prime256v1 -noout | openssl pkcs8 -topk8 -nocrypt > issuer.pem
+  git-token-proxy jwks --key issuer.pem > issuer.jwks.json          (the proxy's access.issuers[].jwksFile)
+  git-token-proxy grant --key issuer.pem --issuer https://orchestrator.internal --audience git-token-proxy \\
+    --sub run-42 --ttl 2h --scope '{"repos": ["github\\\\.com/acme/app"]}' > /run/sandbox-42/token"""
+_JWKS_EXAMPLES = """\
+  git-token-proxy jwks --key issuer.pem > issuer.jwks.json"""
+_HELPER_EXAMPLES = """\
+  git config --global credential.http://127.0.0.1:8080.helper \\
+    '!git-token-proxy credential-helper --token-file /var/run/secrets/tokens/git-token-proxy'"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,6 +155,29 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", "clone a private repo from a local fake GitHub through the proxy", _DEMO_EXAMPLES)
     _add_logging(demo, "WARNING")
     demo.set_defaults(run=_demo)
+
+    grant = _command(commands, "grant", "print a signed JWT for a client (small setups and tests)", _GRANT_EXAMPLES)
+    grant.add_argument("--key", required=True, type=Path, metavar="PATH", help="the issuer's private key (PEM)")
+    grant.add_argument("--issuer", required=True, metavar="URL", help="the `iss` claim, as access.issuers[].issuer")
+    grant.add_argument("--audience", required=True, metavar="AUDIENCE", help="the `aud` claim (git-token-proxy)")
+    grant.add_argument("--sub", required=True, metavar="SUBJECT", help="the `sub` claim: who the client is")
+    grant.add_argument("--ttl", required=True, metavar="DURATION", help="how long it is valid: 30m, 2h, 1d")
+    grant.add_argument("--scope", metavar="JSON", help='narrows the issuer\'s scope: {"repos", "readOnly", "push"}')
+    grant.add_argument("--kid", metavar="KID", help="the key id (default: the key's RFC 7638 thumbprint)")
+    grant.add_argument("--scope-claim", default="git_token_proxy", metavar="NAME", help="default git_token_proxy")
+    grant.set_defaults(run=_grant)
+
+    jwks = _command(commands, "jwks", "print the JWKS of a key's public half (for access.issuers[].jwksFile)",
+                    _JWKS_EXAMPLES)  # fmt: skip
+    jwks.add_argument("--key", required=True, type=Path, metavar="PATH", help="a private or public key (PEM)")
+    jwks.add_argument("--kid", metavar="KID", help="the key id (default: the key's RFC 7638 thumbprint)")
+    jwks.set_defaults(run=_jwks)
+
+    summary = "git credential helper: answers git with the token a file holds now"
+    helper = _command(commands, "credential-helper", summary, _HELPER_EXAMPLES)
+    helper.add_argument("--token-file", required=True, type=Path, metavar="PATH", help="the file holding the token")
+    helper.add_argument("action", metavar="ACTION", help="what git asks: get (store and erase do nothing)")
+    helper.set_defaults(run=_credential_helper)
     return parser
 
 
@@ -196,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = sources.load(args)
     sources.check_keys(loaded)
     config = loaded.config
-    config.server.refuse_unsafe_bind(loaded.host, has_clients=bool(config.access.clients))
+    config.server.refuse_unsafe_bind(loaded.host, has_clients=config.access.enabled)
     redactor = configure_logging(level, secrets=config.secrets, log_format=log_format)
     try:
         _try_listening(loaded)
@@ -229,7 +264,7 @@ def _log_start_up(loaded: sources.LoadedConfig) -> None:
         log.warning("listening on %s, which is not a loopback address", loaded.host)
     for line in insteadof_lines(loaded.config, loaded.host, loaded.port):
         log.info("clients: %s", line)
-    if loaded.config.access.clients and loaded.port != 0:
+    if loaded.config.access.enabled and loaded.port != 0:
         # With access control, git must also send a client token: without it, it asks for a password.
         proxy = f"http://{sources.client_address(loaded.host, loaded.port)}"
         log.info("clients: and their token, from a file: %s", credential_line(proxy))
@@ -242,9 +277,13 @@ def _log_start_up(loaded: sources.LoadedConfig) -> None:
             )  # fmt: skip
 
 
+TOKEN_FILE = "~/.git-token-proxy-token"
+
+
 def credential_line(proxy: str) -> str:
-    """A credential helper that answers git with the token in a file (never in the URL, nor in git's config)."""
-    helper = '!f() { test "$1" = get && echo username=client && echo "password=$(cat ~/.git-token-proxy-token)"; }; f'
+    """A credential helper that answers git with the token in a file, read on every call (never in the URL, nor
+    in git's config): a static client token, or a JWT that an orchestrator or the kubelet rotates in place."""
+    helper = f"!git-token-proxy credential-helper --token-file {TOKEN_FILE}"
     return f"git config --global credential.{proxy}.helper '{helper}'"
 
 
@@ -310,6 +349,35 @@ def _healthcheck(args: argparse.Namespace) -> int:
         port = sources.parse_port(settings[sources.PORT], sources.PORT.label)
         return probe(address_url(settings.get(sources.HOST, "127.0.0.1"), port, ready), timeout)
     return probe(probe_url(sources.load(args), ready), timeout)
+
+
+def _grant(args: argparse.Namespace) -> int:
+    from .access.grants import GrantError, grant
+    from .config import parse_duration
+
+    try:
+        ttl = parse_duration(args.ttl)
+        print(grant(args.key, issuer=args.issuer, audience=args.audience, subject=args.sub, ttl=ttl,
+                    scope=args.scope, kid=args.kid, scope_claim=args.scope_claim))  # fmt: skip
+    except (GrantError, ValueError) as error:
+        raise StartupError(f"grant: {error}") from None
+    return 0
+
+
+def _jwks(args: argparse.Namespace) -> int:
+    from .access.grants import GrantError, jwks_document
+
+    try:
+        print(json.dumps(jwks_document(args.key, args.kid), indent=2))
+    except GrantError as error:
+        raise StartupError(f"jwks: {error}") from None
+    return 0
+
+
+def _credential_helper(args: argparse.Namespace) -> int:
+    from .credential_helper import credential_helper  # `git-token-proxy` itself dispatches it before this loads
+
+    return credential_helper(args.action, args.token_file, sys.stdin, sys.stdout, sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> int:

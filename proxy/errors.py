@@ -72,6 +72,13 @@ class AuthenticationRequired(ProxyError):
     status = 401
 
 
+class TokenRefused(AuthenticationRequired):
+    """A JWT was presented and refused: a bad signature, expired, the wrong audience, a failing claims rule, ...
+    A 401 like every refusal of a credential, with the reason as its one line."""
+
+    status = 401
+
+
 class ClientForbidden(ProxyError):
     """The client's token is valid, but not for this repo."""
 
@@ -116,6 +123,13 @@ class UpstreamRefusedAuth(ProxyError):
 
 class UpstreamNeedsAuth(ProxyError):
     """The upstream answered 401 to a request that no auth entry covers."""
+
+    status = 403
+
+
+class PushRefused(ProxyError):
+    """A push policy refuses what an LFS request would do (an upload, a lock on a ref outside the policy). A
+    receive-pack push it refuses is answered in git's own words instead (`[remote rejected]`, see forward.push)."""
 
     status = 403
 

@@ -118,7 +118,7 @@ def _on_the_git_port(handler: Handler, needs_client: bool) -> Handler:
             refuse_browsers(request.headers)
             check_host(request, context.allowed_hosts, ip_literals=True)
             if needs_client:
-                context.access.authenticate(request.headers.get("Authorization"))
+                await context.access.authenticate(request.headers.get("Authorization"))
         except ProxyError as error:
             status = error.status
             headers = {"WWW-Authenticate": 'Basic realm="git-token-proxy"'} if status == 401 else None

@@ -124,6 +124,12 @@ class Metrics:
             "git_token_proxy_transfers_cut", "Requests whose answer did not go out whole, by the side that cut it",
             ["side"], registry=r,
         )  # fmt: skip
+        self.push_refused = Counter(
+            "git_token_proxy_push_refused",
+            "Pushes refused by a push policy, before any byte went upstream (reason: ref, create, delete, force, "
+            "malformed, undecidable)",
+            ["entry", "reason"], registry=r,
+        )  # fmt: skip
         self.anonymous_fallbacks = Counter(
             "git_token_proxy_anonymous_fallbacks",
             "Reads sent upstream without a token because the entry's app is not installed there (public repos)",

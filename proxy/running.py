@@ -19,6 +19,8 @@ from .forward import ForwardContext, LiveContext
 from .metrics import Metrics
 
 if TYPE_CHECKING:
+    from .access.identities import IdentityVerifier
+    from .access.verifiers import KeyRegistries
     from .bodies import HeldBytes
     from .credentials.cache import TokenCache
     from .credentials.github_app import GitHubAppSource
@@ -62,8 +64,9 @@ class MirrorService:
     held_bodies: HeldBytes  # what pack requests may hold in memory together while the mirror decides
 
 
-# A reload's new context, from the new config and the sources of now (unchanged ones are kept with their caches).
-BuildContext = Callable[[Config, Mapping[str, CredentialSource]], ForwardContext]
+# A reload's new context, from the new config, the sources of now (unchanged ones are kept with their caches) and
+# the new config's identity verifier.
+BuildContext = Callable[[Config, Mapping[str, CredentialSource], "IdentityVerifier | None"], ForwardContext]
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Proxy:
     credentials: Credentials  # the shared tier and the token cache are fixed at start-up; sources follow reloads
     metrics: Metrics
     rebuild: BuildContext  # what a reload runs (off the event loop) to build its context
+    identities: KeyRegistries  # access.issuers: the keys of every issuer, kept across reloads
     mirror: MirrorService | None = None  # mirror.dir: fixed at start-up too
     bound_host: str | None = None  # the address actually listened on (serve's --host may differ from the file)
     server_overrides: dict[str, object] = field(default_factory=dict)  # --metrics-port and -host over the file's
@@ -101,14 +105,16 @@ class Proxy:
         """Raises ConfigError and changes nothing when the new config cannot be built."""
         config = with_server_settings(config, self.server_overrides)  # flags win over every version of the file
         # The socket stays where it is: a new file must not drop access control from a public address.
-        config.server.refuse_unsafe_bind(self.bound_host or config.server.host, has_clients=bool(config.access.clients))
+        config.server.refuse_unsafe_bind(self.bound_host or config.server.host, has_clients=config.access.enabled)
         previous = self.live.current.sources
         # Keys are files, and a file can be a FIFO or huge: they are read and parsed off the event loop, so that
         # /healthz and every transfer carry on while a reload builds.
-        context = await asyncio.to_thread(self.rebuild, config, previous)
+        verifier = self.identities.verifier_for(config)  # in the loop: a new issuer's keys start fetching
+        context = await asyncio.to_thread(self.rebuild, config, previous, verifier)
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between
+        await self.identities.retain(verifier)
         # A reload is the operator's way to say "try again": no rate-limit window, negative answer or backoff
         # learned from GitHub survives it, even in the sources kept with their tokens.
         for source in context.sources.values():
@@ -158,6 +164,7 @@ class Proxy:
         await self.session.close()
         await self.api_session.close()
         await self.credentials.close()
+        await self.identities.close()
         if self.mirror is not None:
             await self.mirror.mirror.close()
 

@@ -237,7 +237,8 @@ def _loadable(path: Path) -> Config | None:
 def _watched_files(path: Path, config: Config) -> list[Path]:
     apps = [e for e in config.auth if isinstance(e, GitHubAppEntry)]
     keys = [file for e in apps if (file := key_file_of(e.private_key.get_secret_value())) is not None]
-    return [path, *config.github.app_installation.secret_files, *keys]
+    jwks = [issuer.jwks_file for issuer in config.access.issuers if issuer.jwks_file is not None]
+    return [path, *config.github.app_installation.secret_files, *keys, *jwks]
 
 
 def _digest(paths: list[Path], hoped_for: list[Path] | None = None) -> bytes | None:

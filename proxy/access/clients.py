@@ -1,5 +1,5 @@
-"""Clients: who is calling, proved by a static token listed in `access.clients`; every kind of client yields
-the same `Client`."""
+"""Clients: who is calling. A static token listed in `access.clients` and a JWT from an issuer in `access.issuers`
+both yield the same `Client`: a name, a scope, and (for a JWT) the identity the audit line names."""
 
 from __future__ import annotations
 
@@ -8,32 +8,55 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import AccessClient
+from ..config.push import PushPolicyConfig
 from ..routing import LinearPattern, compile_repo_pattern
+
+if TYPE_CHECKING:
+    from ..push.rules import PushPolicy
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a client may do. Narrowing adds sets and never removes one: a repo must match a pattern of every set,
+    and every push policy must allow a ref update, so nothing added to a scope can widen it."""
+
+    repo_sets: tuple[tuple[LinearPattern, ...], ...]
+    read_only: bool
+    push: tuple[PushPolicy, ...] = ()
+
+    def allows_repo(self, matched: str) -> bool:
+        """`matched` is `Route.matched` (host, baseUrl path, owner/repo)."""
+        return all(any(pattern.fullmatch(matched) for pattern in patterns) for patterns in self.repo_sets)
 
 
 @dataclass(frozen=True)
 class Client:
     name: str
-    digest: bytes
-    repos: tuple[LinearPattern, ...]
-    read_only: bool
+    scope: Scope
+    identity: dict[str, str | None] | None = None  # a JWT's: issuer, sub, jti and the token's fingerprint (audit)
+
+    @property
+    def read_only(self) -> bool:
+        return self.scope.read_only
+
+
+def push_policies(owner: str, config: PushPolicyConfig | None) -> tuple[PushPolicy, ...]:
+    """A `push:` section compiled once; the push package loads only for a config that has one."""
+    if config is None:
+        return ()
+    from ..push.rules import PushPolicy
+
+    return (PushPolicy.from_config(owner, config),)
 
 
 class StaticClients:
     """`access.clients`: a client is the one whose token's SHA-256 matches."""
 
     def __init__(self, clients: Sequence[AccessClient]) -> None:
-        self._clients = tuple(
-            Client(
-                c.name,
-                c.digest,
-                tuple(compile_repo_pattern(f"access client {c.name!r}", p) for p in c.repos),
-                c.read_only,
-            )
-            for c in clients
-        )
+        self._clients = tuple((c.digest, _static_client(c)) for c in clients)
 
     def __bool__(self) -> bool:
         return bool(self._clients)
@@ -44,10 +67,16 @@ class StaticClients:
             return None
         digest = hashlib.sha256(password.encode()).digest()
         found = None
-        for client in self._clients:  # every client is compared, so the time taken says nothing about which
-            if hmac.compare_digest(client.digest, digest):
+        for known, client in self._clients:  # every client is compared, so the time taken says nothing about which
+            if hmac.compare_digest(known, digest):
                 found = client
         return found
+
+
+def _static_client(config: AccessClient) -> Client:
+    where = f"access client {config.name!r}"
+    repos = tuple(compile_repo_pattern(where, pattern) for pattern in config.repos)
+    return Client(config.name, Scope((repos,), config.read_only, push_policies(f"client {config.name!r}", config.push)))
 
 
 def basic_password(authorization: str | None) -> str | None:
@@ -59,3 +88,10 @@ def basic_password(authorization: str | None) -> str | None:
     except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text, which b64decode refuses
         return None
     return password if colon and password else None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None

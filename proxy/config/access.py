@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Annotated
 
 from pydantic import Field, SecretStr, model_validator
 
 from .base import Model
+from .issuers import IssuerConfig, issuers_problem
+from .push import PushPolicyConfig
 
 
 class AccessClient(Model):
@@ -18,6 +21,7 @@ class AccessClient(Model):
     token_sha256: str | None = None  # hex SHA-256 of the token, so the config file holds no secret
     repos: list[str] = Field(min_length=1)  # regexes like urlPattern, matched as prefixes of host/owner/repo
     read_only: bool = False
+    push: PushPolicyConfig | None = None  # which ref updates this client may push (all: none given)
 
     @model_validator(mode="after")
     def _one_secret(self) -> AccessClient:
@@ -37,12 +41,29 @@ class AccessClient(Model):
         return hashlib.sha256(self.token.get_secret_value().encode()).digest()
 
 
+Jti = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class AccessConfig(Model):
+    """Who may use the proxy: clients with static tokens, and issuers whose signed tokens (JWTs) prove who a
+    client is. Either one turns access control on."""
+
     clients: list[AccessClient] = Field(default_factory=list)
+    issuers: list[IssuerConfig] = Field(default_factory=list)
+    # Token ids (`jti`) refused whatever their signature says, reloaded like the rest; short token lifetimes are
+    # the main tool, this one is for the token that leaked.
+    revoked: list[Jti] = Field(default_factory=list, max_length=100_000)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.clients or self.issuers)
 
     @model_validator(mode="after")
     def _names_unique(self) -> AccessConfig:
         names = [client.name for client in self.clients]
         if len(set(names)) != len(names):
             raise ValueError("access.clients: every client needs its own name")
+        problem = issuers_problem(self.issuers)
+        if problem is not None:
+            raise ValueError(problem)
         return self

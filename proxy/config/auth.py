@@ -12,6 +12,7 @@ from pydantic import Discriminator, Field, SecretStr, Tag, ValidationInfo, field
 from ..github_permissions import permission_problem
 from ..pem import key_file_of
 from .base import Model, from_config_folder
+from .push import PushPolicyConfig
 from .units import Duration, PositiveDuration, PositiveId
 
 # The `type` of an entry, as Concord spells it (read case-insensitively); every mention of a tag uses these.
@@ -29,6 +30,7 @@ class _EntryBase(Model):
     url_pattern: str
     username: str = "x-access-token"
     read_only: bool = False  # refuse pushes (receive-pack, LFS locks) before any token is fetched
+    push: PushPolicyConfig | None = None  # which ref updates may be pushed through this entry (all: none given)
 
     @field_validator("type", mode="before", check_fields=False)
     @classmethod

@@ -12,14 +12,17 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..files import read_regular_file
+from .access import AccessConfig
 from .auth import GITHUB_APP_INSTALLATION, GitHubAppEntry
 from .cache import check_fernet_keys
+from .issuers import IssuerConfig
 from .messages import describe
 from .root import Config
 
 CONFIG_MAX_BYTES = 1024 * 1024
 SECRET_FILE_MAX_BYTES = 64 * 1024  # a Concord secret is a few fields and one PEM of 2-4 KiB; a key file less
 CA_FILE_MAX_BYTES = 16 * 1024 * 1024  # a CA bundle; the system one is about 200 KiB
+JWKS_FILE_MAX_BYTES = 1024 * 1024  # a JWKS is a few KiB
 
 
 class NamedFileProblem(ValueError):
@@ -38,6 +41,8 @@ def read_named_files(config: Config) -> Config:
     if redis is not None and redis.encryption_key_file is not None:
         keys = read_fernet_key_file(redis.encryption_key_file)
         config = config.model_copy(update={"cache": config.cache.model_copy(update={"redis": redis.with_keys(keys)})})
+    if any(issuer.jwks_file is not None for issuer in config.access.issuers):
+        config = config.model_copy(update={"access": _with_jwks_files(config.access)})
     settings = config.github.app_installation
     if settings.secret_files:
         entries = [read_secret_file(index, path) for index, path in enumerate(settings.secret_files)]
@@ -47,6 +52,22 @@ def read_named_files(config: Config) -> Config:
             raise NamedFileProblem("github.appInstallation", str(error)) from None
         config = config.model_copy(update={"github": config.github.model_copy(update={"app_installation": settings})})
     return config
+
+
+def _with_jwks_files(access: AccessConfig) -> AccessConfig:
+    """Each issuer's jwksFile read once, bounded (the keys in it are parsed, and a bad set refused naming the
+    issuer, when the verifier is built: at start-up, or by a reload, which is then refused whole)."""
+    return access.model_copy(update={"issuers": [read_jwks_file(index, i) for index, i in enumerate(access.issuers)]})
+
+
+def read_jwks_file(index: int, issuer: IssuerConfig) -> IssuerConfig:
+    if issuer.jwks_file is None:
+        return issuer
+    try:
+        return issuer.with_jwks(read_regular_file(issuer.jwks_file, JWKS_FILE_MAX_BYTES))
+    except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte in it
+        problem = f"cannot read {issuer.jwks_file}: {read_problem(error)}"
+        raise NamedFileProblem(f"access.issuers[{index}].jwksFile", problem) from None
 
 
 def check_ca_file(path: Path) -> None:

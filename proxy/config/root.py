@@ -13,6 +13,7 @@ from .base import Model
 from .cache import CacheConfig
 from .hosts import LfsConfig, TlsConfig, UpstreamConfig
 from .mirror import MirrorConfig
+from .push import client_name_problem
 from .server import ReadinessConfig, ServerConfig
 
 
@@ -56,7 +57,28 @@ class Config(Model):
 
     @model_validator(mode="after")
     def _bind_is_safe(self) -> Config:
-        self.server.refuse_unsafe_bind(self.server.host, has_clients=bool(self.access.clients))
+        self.server.refuse_unsafe_bind(self.server.host, has_clients=self.access.enabled)
+        return self
+
+    @model_validator(mode="after")
+    def _push_policies_can_be_bound(self) -> Config:
+        """`{client}` needs a client: refused on an entry where none can be known, and a client whose name
+        cannot fill it (a '/', a character no ref holds) is refused rather than left matching nothing."""
+        entry_uses_client = False
+        for index, entry in enumerate(self.auth):
+            if entry.push is not None and entry.push.uses_client:
+                entry_uses_client = True
+                if not self.access.enabled:
+                    raise ValueError(
+                        f"github.appInstallation.auth[{index}].push.refs: {{client}} needs access.clients or "
+                        f"access.issuers (the client's name fills it); configure them, or write the refs without "
+                        f"{{client}}"
+                    )
+        for index, client in enumerate(self.access.clients):
+            if entry_uses_client or (client.push is not None and client.push.uses_client):
+                problem = client_name_problem(client.name)
+                if problem is not None:
+                    raise ValueError(f"access.clients[{index}].name: {problem}")
         return self
 
     @model_validator(mode="after")

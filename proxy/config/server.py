@@ -47,8 +47,8 @@ class ServerConfig(Model):
         if has_clients or self.allow_unauthenticated or is_loopback(host):
             return
         raise ConfigError(
-            f"server.host {host!r} is not a loopback address and access.clients is empty: every process that can "
-            "reach it could use this proxy's GitHub tokens. Configure access.clients, or set "
+            f"server.host {host!r} is not a loopback address and access control is off: every process that can "
+            "reach it could use this proxy's GitHub tokens. Configure access.clients or access.issuers, or set "
             "server.allowUnauthenticated: true if the network itself is the boundary (e.g. a pod's own interface)."
         )
 

@@ -18,9 +18,20 @@ from ..metrics import Metrics
 from ..routing import Router
 from .watch import BodySlots, TransferWatch
 
-if TYPE_CHECKING:  # the mirror package is loaded by app.build_mirror, for mirror.dir only
+if TYPE_CHECKING:  # the mirror and push packages are loaded by app.build_*, for configs that use them only
     from ..mirror import Mirror
     from ..mirror.proof import AuthProof
+    from ..push.rules import PushPolicy
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    """What checking a push needs beyond the request: the entries' policies (a client's ride on its Client), and
+    GitHub's API for the fast-forward check (the API session, and each entry's API URL)."""
+
+    entry_policies: Mapping[str, PushPolicy]
+    api_session: aiohttp.ClientSession
+    api_urls: Mapping[str, str]  # entry id -> its REST API
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class ForwardContext:
     proof: AuthProof | None = None  # with a mirror: upstream's recent word that a credential may read a repo
     lfs: LfsPolicy | None = None  # lfs.proxyObjects: LFS objects go through the proxy, under handles
     held_bodies: HeldBytes | None = None  # with a mirror: what all pack requests together may hold in memory
+    push: PushSettings | None = None  # with a push policy anywhere in the config
 
 
 @dataclass

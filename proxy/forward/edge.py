@@ -80,7 +80,7 @@ def _record(metrics: Metrics, exchange: Exchange) -> None:
 def _audit(exchange: Exchange) -> None:
     """One JSON line per request: who, which repo, what happened, how much. Never a token, only its fingerprint."""
     request, route, credential = exchange.request, exchange.route, exchange.credential
-    record = {
+    record: dict[str, object] = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": exchange.request_id,
         "client": exchange.client,
@@ -105,6 +105,10 @@ def _audit(exchange: Exchange) -> None:
         record["aborted"] = exchange.aborted
     if exchange.mirror:
         record["mirror"] = exchange.mirror
+    if exchange.identity is not None:
+        record["identity"] = exchange.identity
+    if exchange.push_refs is not None:
+        record["refs"] = exchange.push_refs
     if exchange.lfs:  # the object, never the href: its query is the storage's signature
         lfs = exchange.lfs
         record.update(lfs_action=lfs.action, oid=lfs.oid, size=lfs.size, storage_host=lfs.storage_host)

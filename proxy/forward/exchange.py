@@ -37,6 +37,7 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     route: Route | None = None
     client: str | None = None  # the access client's name
+    identity: dict[str, str | None] | None = None  # a JWT client's: issuer, sub, jti, token fingerprint
     credential: Credential | None = None
     status: int = 0
     bytes_in: int = 0
@@ -51,6 +52,7 @@ class Exchange:
     lfs: StorageAction | None = None  # an /_lfs/ request: the object it moves
     fallback: AppNotInstalled | None = None  # the app is not installed: the read went upstream without a token
     credential_kind: str | None = None  # "anonymous" once such a read was answered
+    push_refs: list[dict[str, str]] | None = None  # a push a policy checked: each ref update and its result
 
     @classmethod
     def of(cls, request: web.Request, live: LiveContext) -> Exchange:

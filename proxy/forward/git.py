@@ -3,19 +3,26 @@ fetched; then answered from the mirror (a pack it may serve) or by upstream, str
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from ..access import enforce_read_only
-from ..bodies import Peeked, peek_body
+from ..access.writes import LFS_BATCH_LIMIT
+from ..bodies import Peeked, peek_body, read_whole_body
 from ..errors import AppNotInstalled, ProxyError
-from ..routing import LFS_BATCH, UPLOAD_PACK
+from ..routing import LFS_BATCH, UPLOAD_PACK, Service
 from .edge import at_the_edge
 from .exchange import Exchange
 from .guards import admit
 from .lfs import answer_batch
 from .mirrored import MIRROR_BODY_LIMIT, note_for_mirror, serve_from_mirror
+from .push import police_receive_pack, policies_for, read_push_report, refuse_lfs_outside_policy
 from .relay import relay
 from .upstream import finish, open_upstream, upstream_chunks
+
+if TYPE_CHECKING:
+    from ..push.gate import PassOn
 
 
 async def forward_request(request: web.Request) -> web.StreamResponse:
@@ -26,17 +33,24 @@ async def _forward(exchange: Exchange) -> web.StreamResponse:
     request, context = exchange.request, exchange.context
     path, _, query = request.raw_path.partition("?")  # raw: the router checks the bytes git actually sent
     admit(request, context.allowed_hosts)
-    client = context.access.authenticate(request.headers.get("Authorization"))
+    client = await context.access.authenticate(request.headers.get("Authorization"))
     exchange.client = client.name if client else None
+    exchange.identity = client.identity if client else None
     exchange.route = route = context.router.resolve_route(request.method, path, query)
     # Who may do what is settled before a token is fetched: a refused push never costs a mint.
     context.access.authorize(client, route)
     body = await enforce_read_only(request, route, client, context.body_timeout)
+    if route.service is Service.LFS and request.method == "POST" and policies_for(exchange, client):
+        body = body if body is not None else await read_whole_body(request, LFS_BATCH_LIMIT, context.body_timeout)
+        refuse_lfs_outside_policy(exchange, client, body)
     async with exchange.in_flight(streams_body=request.body_exists and body is None):
-        return await _answer(exchange, body)
+        checked = await police_receive_pack(exchange, client)
+        if isinstance(checked, web.Response):
+            return checked  # a refused push: git's own report, and nothing went upstream
+        return await _answer(exchange, body if checked is None else checked)
 
 
-async def _answer(exchange: Exchange, body: bytes | Peeked | None) -> web.StreamResponse:
+async def _answer(exchange: Exchange, body: bytes | Peeked | PassOn | None) -> web.StreamResponse:
     """From the mirror when it may answer, else from upstream."""
     context, route, request = exchange.context, exchange.routed, exchange.request
     peeked: Peeked | None = None
@@ -75,7 +89,8 @@ async def _answer(exchange: Exchange, body: bytes | Peeked | None) -> web.Stream
         response = web.StreamResponse(status=opened.upstream.status, headers=opened.headers)
         response.headers["X-Request-Id"] = exchange.request_id
         exchange.status = response.status
-        complete = await relay(exchange, response, upstream_chunks(opened.upstream, exchange, route.upstream.host))
+        chunks = upstream_chunks(opened.upstream, exchange, route.upstream.host)
+        complete = await relay(exchange, response, read_push_report(exchange, body, chunks))
     finally:
         finish(opened.upstream, exchange, complete)
         if exchange.mirror is not None:  # a pack request the mirror did not answer: it came from upstream

@@ -101,8 +101,9 @@ async def forward_lfs_object(request: web.Request) -> web.StreamResponse:
 async def _serve_lfs_object(exchange: Exchange) -> web.StreamResponse:
     request, context = exchange.request, exchange.context
     admit(request, context.allowed_hosts)
-    client = context.access.authenticate(request.headers.get("Authorization"))
+    client = await context.access.authenticate(request.headers.get("Authorization"))
     exchange.client = client.name if client else None
+    exchange.identity = client.identity if client else None
     if context.lfs is None:
         raise HandleRefused("LFS objects are not served by this proxy (lfs.proxyObjects is off)")
     action = exchange.lfs = exchange.live.lfs_handles.find(request.match_info["handle"], exchange.client)

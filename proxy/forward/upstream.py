@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -34,6 +34,9 @@ from ..metrics import Metrics
 from ..routing import INFO_REFS, Route, Service
 from .exchange import Exchange
 from .phases import Upload
+
+if TYPE_CHECKING:
+    from ..push.gate import PassOn
 
 # What upstream receives is built by the proxy. Of the client's headers only these pass: git's and LFS's own, and
 # the caches' advice. Everything else (hop-by-hop headers, Host, Expect, Transfer-Encoding, the client's own
@@ -96,7 +99,7 @@ class Opened:
     headers: CIMultiDict[str]  # what goes back to git
 
 
-async def open_upstream(exchange: Exchange, body: bytes | Peeked | None) -> Opened:
+async def open_upstream(exchange: Exchange, body: bytes | Peeked | PassOn | None) -> Opened:
     """Send the request upstream; a dead token on a replayable request gets one fresh credential and one retry."""
     route, source = exchange.routed, exchange.source
     credential = exchange.credential = await credential_or_fallback(exchange)
@@ -144,7 +147,7 @@ async def credential_or_fallback(exchange: Exchange) -> Credential | None:
 
 
 async def _send_git(
-    exchange: Exchange, credential: Credential | None, body: bytes | Peeked | None
+    exchange: Exchange, credential: Credential | None, body: bytes | Peeked | PassOn | None
 ) -> aiohttp.ClientResponse:
     route, context = exchange.routed, exchange.context
     data, length = request_body(exchange, body)
@@ -202,7 +205,7 @@ async def _token_was_dead(
 
 
 def request_body(
-    exchange: Exchange, inspected: bytes | Peeked | None
+    exchange: Exchange, inspected: bytes | Peeked | PassOn | None
 ) -> tuple[bytes | io.BytesIO | AsyncIterator[bytes] | None, int | None]:
     """The body to send and the Content-Length to declare (None: none, or chunked).
 
@@ -210,7 +213,8 @@ def request_body(
     - A streamed body keeps its framing: with the client's Content-Length, which aiohttp's parser framed the
       body by, and which `_streamed` checks against the bytes that really came (a shortfall aborts the upstream
       connection rather than leave it waiting for the rest); or chunked, as the client sent it. A body the proxy
-      began to read (a Peeked head) is streamed the same way: the head first, then the rest as it comes.
+      began to read (a Peeked head, a push's checked prefix) is streamed the same way: what was read first, then
+      the rest as it comes.
     The app runs with auto_decompress=False, so these are the bytes git sent, gzip and all."""
     request = exchange.request
     if isinstance(inspected, bytes):
@@ -225,11 +229,15 @@ def request_body(
     if not request.body_exists:
         exchange.upload = Upload.SENT
         return None, None
-    return _streamed(exchange, request.content_length, inspected), request.content_length
+    if inspected is None or isinstance(inspected, Peeked):
+        return _streamed(exchange, request.content_length, inspected), request.content_length
+    return _streamed(exchange, request.content_length, passed=inspected), request.content_length
 
 
-async def _streamed(exchange: Exchange, declared: int | None, peeked: Peeked | None = None) -> AsyncIterator[bytes]:
-    """`peeked`: what the proxy read of the body already (counted in then). Once its head went on, it is
+async def _streamed(
+    exchange: Exchange, declared: int | None, peeked: Peeked | None = None, passed: PassOn | None = None
+) -> AsyncIterator[bytes]:
+    """`peeked`, `passed`: what the proxy read of the body already (counted in then). Once that went on, it is
     released: the bytes stop counting against what bodies may hold together, and nothing here holds them."""
     received = 0
     if peeked is not None:
@@ -240,6 +248,10 @@ async def _streamed(exchange: Exchange, declared: int | None, peeked: Peeked | N
             if peeked.head:
                 yield peeked.head
             peeked.release()
+        if passed is not None:
+            async for chunk in passed.prefix():
+                received += len(chunk)
+                yield chunk
         async for chunk in exchange.request.content.iter_any():
             received += len(chunk)
             exchange.bytes_in += len(chunk)
@@ -256,6 +268,8 @@ async def _streamed(exchange: Exchange, declared: int | None, peeked: Peeked | N
     finally:
         if peeked is not None:
             peeked.release()
+        if passed is not None:
+            passed.release()
     exchange.upload = Upload.SENT
 
 

@@ -1,4 +1,5 @@
-"""The GitHub App half of the fake GitHub: JWT checks with GitHub's rules and messages, installations and mints."""
+"""The API half of the fake GitHub: JWT checks with GitHub's rules and messages, installations, mints, and the
+compare API (real git on the fake's repos, with installation tokens)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .gitcli import git_env, run_git
 from .github_objects import repository_object
 
 # GitHub's own wording, which the proxy's skew detection and error messages rely on.
@@ -37,9 +40,10 @@ _LEVELS = {"read": 1, "write": 2, "admin": 3}
 
 _API_PATH = re.compile(
     r"^(?:/api/v3)?(?P<path>/app|/repos/[^/]+/[^/]+/installation|/orgs/[^/]+/installation|/users/[^/]+/installation"
-    r"|/app/installations/\d+/access_tokens|/installation/token|/rate_limit)$"
+    r"|/app/installations/\d+/access_tokens|/installation/token|/rate_limit|/repos/[^/]+/[^/]+/compare/.+)$"
 )
 _KINDS = {"lookup": "/installation", "mint": "/access_tokens", "app": "/app", "rate_limit": "/rate_limit"}
+_COMPARE = "/compare/"  # GET /repos/{owner}/{repo}/compare/{base}...{head}: kind "compare"
 
 
 @dataclass
@@ -138,6 +142,8 @@ class FakeAppApi:
     # Applied to every successful mint answer (the token is minted and granted all the same): a malformed answer.
     mangle_mints: Callable[[dict[str, Any]], Any] | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)  # on every API answer, Date included
+    repo_path: Callable[[str], Path] | None = None  # owner/repo -> bare repo: the compare API's git
+    git_home: Path | None = None
     _scripts: dict[str, deque[CannedAnswer]] = field(default_factory=dict)
     _next_installation_id: int = 1001  # never reused, as on GitHub: a reinstall gets a new id
     _failures: deque[int] = field(default_factory=deque)
@@ -187,8 +193,9 @@ class FakeAppApi:
         self._rate_limits.extend([headers] * count)
 
     def script_next(self, kind: str, *answers: CannedAnswer) -> None:
-        """The next calls of `kind` (lookup, mint, app, rate_limit) get these answers, unauthenticated and as is."""
-        assert kind in _KINDS, kind
+        """The next calls of `kind` (lookup, mint, app, rate_limit, compare) get these answers, unauthenticated and
+        as is."""
+        assert kind in _KINDS or kind == "compare", kind
         self._scripts.setdefault(kind, deque()).extend(answers)
 
     def clear_scripts(self) -> None:
@@ -233,6 +240,8 @@ class FakeAppApi:
             return self._revoke(request)
         if path == "/rate_limit" and request.method == "GET":
             return self._rate_limit(request)
+        if _COMPARE in path and request.method == "GET":
+            return await self._compare(request, path)
         app = self._authenticate(request)
         if isinstance(app, web.Response):
             return app
@@ -380,6 +389,45 @@ class FakeAppApi:
         # API version 2026-03-10's shape: no top-level `rate` (deprecated since 2021), only `resources`.
         return web.json_response({"resources": {"core": window, "search": {**window, "limit": 30}}})
 
+    async def _compare(self, request: web.Request, path: str) -> web.Response:
+        """GitHub's compare API, computed by git on the repo: 404 `Not Found` for a commit it lacks (or a token that
+        cannot see the repo), 404 `No common ancestor` for unrelated histories, 401 for a dead token."""
+        _, owner, name, _, basehead = path.strip("/").split("/", 4)
+        grant = self.grants.get(_api_token(request.headers.get("Authorization", "")) or "")
+        if grant is not None and grant.expires_at is not None and self.now() >= grant.expires_at:
+            return _message(401, "Bad credentials")
+        repo = self.repo_path(f"{owner}/{name}") if self.repo_path is not None else None
+        if grant is None or not grant.covers(f"{owner}/{name}".lower()) or repo is None or not repo.is_dir():
+            return _message(404, "Not Found")
+        git = functools.partial(run_git, env=git_env(self.git_home or repo.parent / ".home"), cwd=repo)
+        base, _, head = basehead.partition("...")
+        found = [await git("rev-parse", "--verify", "--quiet", f"{x}^{{commit}}") for x in (base, head)]
+        if not head or base.startswith("-") or head.startswith("-") or any(c.returncode for c in found):
+            return _message(404, "Not Found")
+        base_id, head_id = (commit.stdout.strip() for commit in found)
+        merge_base = (await git("merge-base", base_id, head_id)).stdout.strip()
+        if not merge_base:
+            return _message(404, f"No common ancestor between {base} and {head}.")
+        counted = await git("rev-list", "--left-right", "--count", f"{base_id}...{head_id}")
+        behind, ahead = map(int, counted.check().stdout.split())
+        status = "diverged" if ahead and behind else "ahead" if ahead else "behind" if behind else "identical"
+        per_page = request.query.get("per_page", "")
+        listed = (await git("log", "--reverse", f"--format={_LOG_FORMAT}", f"{base_id}..{head_id}")).stdout
+        commits = [record for record in listed.split("\x01") if record.strip()]
+        numstat = (await git("diff", "--numstat", merge_base, head_id)).stdout.splitlines()
+        api = f"{request.scheme}://{request.host}{'/api/v3' if request.path.startswith('/api/v3') else ''}"
+        url, html = f"{api}/repos/{owner}/{name}", f"https://github.com/{owner}/{name}"
+        shown = [(await git("show", "-s", f"--format={_LOG_FORMAT}", c)).stdout for c in (base_id, merge_base)]
+        return web.json_response({
+            "url": f"{url}/compare/{basehead}", "html_url": f"{html}/compare/{basehead}",
+            "permalink_url": f"{html}/compare/{owner}:{base_id[:7]}...{owner}:{head_id[:7]}",
+            "diff_url": f"{html}/compare/{basehead}.diff", "patch_url": f"{html}/compare/{basehead}.patch",
+            "base_commit": _commit_json(url, html, shown[0]), "merge_base_commit": _commit_json(url, html, shown[1]),
+            "status": status, "ahead_by": ahead, "behind_by": behind, "total_commits": ahead,
+            "commits": [_commit_json(url, html, c) for c in commits[: int(per_page) if per_page.isdigit() else 250]],
+            "files": [_file_json(line) for line in numstat[:300]],
+        })  # fmt: skip
+
     def _revoke(self, request: web.Request) -> web.Response:
         _, _, token = request.headers.get("Authorization", "").partition(" ")
         if self.grants.pop(token, None) is None:
@@ -388,6 +436,8 @@ class FakeAppApi:
 
 
 def _kind_of(path: str) -> str | None:
+    if _COMPARE in path:
+        return "compare"
     return next((kind for kind, suffix in _KINDS.items() if path.endswith(suffix)), None)
 
 
@@ -395,3 +445,46 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
     return web.json_response(
         {"message": message, "documentation_url": "https://docs.github.com/rest"}, status=status, headers=headers
     )
+
+
+# ------------------------------------------------------------ the compare API's objects
+
+_LOG_FORMAT = "%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B%x01"
+
+
+def _api_token(header: str) -> str | None:
+    """The token of `Bearer`, `token` or Basic (`x-access-token:<token>`) authorization, as GitHub's API takes."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("bearer", "token"):
+        return value.strip() or None
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2] or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def _commit_json(url: str, html: str, record: str) -> dict[str, Any]:
+    """GitHub's `commit` object, as the compare API lists it (without `stats` and `files`)."""
+    sha, tree, parents, an, ae, ad, cn, ce, cd, message = record.strip("\n\x01").split("\x00", 9)
+    return {
+        "sha": sha, "node_id": f"C_kwDO{sha[:20]}", "url": f"{url}/commits/{sha}", "html_url": f"{html}/commit/{sha}",
+        "comments_url": f"{url}/commits/{sha}/comments", "author": None, "committer": None,
+        "commit": {
+            "author": {"name": an, "email": ae, "date": ad}, "committer": {"name": cn, "email": ce, "date": cd},
+            "message": message.rstrip("\n"), "tree": {"sha": tree, "url": f"{url}/git/trees/{tree}"},
+            "url": f"{url}/git/commits/{sha}", "comment_count": 0,
+            "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None},
+        },
+        "parents": [{"sha": p, "url": f"{url}/commits/{p}", "html_url": f"{html}/commit/{p}"} for p in parents.split()],
+    }  # fmt: skip
+
+
+def _file_json(line: str) -> dict[str, Any]:
+    added, deleted, filename = line.split("\t", 2)
+    additions, deletions = (int(n) if n.isdigit() else 0 for n in (added, deleted))
+    return {
+        "filename": filename, "status": "modified", "additions": additions, "deletions": deletions,
+        "changes": additions + deletions,
+    }  # fmt: skip

@@ -81,7 +81,7 @@ class FakeGitHub:
         self.repos_root = self.root / "repos"
         self.repos_root.mkdir(parents=True, exist_ok=True)
         self._backend = find_http_backend()
-        self.apps = FakeAppApi(self.grants, self.now)
+        self.apps = FakeAppApi(self.grants, self.now, repo_path=self.repo_path, git_home=self.root / "home")
 
     def now(self) -> float:
         return time.time() + self.clock_offset
