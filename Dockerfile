@@ -4,7 +4,8 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && pip wheel --no-cache-dir --wheel-dir /wheels-snapshots ".[snapshots]"
 
 # Runtime: slim, non-root, nothing written at run time (works with a read-only root filesystem).
 # git is not needed to proxy git traffic, so it is not here.
@@ -36,12 +37,15 @@ USER 10001
 HEALTHCHECK NONE
 CMD ["demo"]
 
-# Mirror: the runtime plus git, for `mirror.dir` (`docker build --target mirror .`). The mirrors need a writable
-# volume at mirror.dir; everything else stays read-only.
+# Mirror: the runtime plus git, for `mirror.dir` (`docker build --target mirror .`), with the S3 client for
+# `mirror.snapshots`. The mirrors need a writable volume at mirror.dir; everything else stays read-only.
 FROM runtime AS mirror
 USER 0
+COPY --from=build /wheels-snapshots /wheels
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
+    && apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /var/cache/git-token-proxy \

@@ -4,6 +4,7 @@ the `build_*` functions are that wiring, for `serve`, `check`, benches and tools
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -278,14 +279,21 @@ def build_upstream_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def build_mirror(config: Config, metrics: Metrics) -> MirrorService | None:
+def build_mirror(config: Config, metrics: Metrics, shared: SharedTier | None = None) -> MirrorService | None:
     if config.mirror is None:
         return None
+    if config.mirror.snapshots is not None and importlib.util.find_spec("aiobotocore") is None:
+        raise ConfigError(
+            "mirror.snapshots needs the S3 client, which is an extra: pip install 'git-token-proxy[snapshots]' "
+            "(the Docker image's mirror target has it)"
+        )
     from .mirror import Mirror
     from .mirror.proof import AuthProof
 
     return MirrorService(
-        Mirror(config.mirror, config.tls.ca_file, metrics), AuthProof(config.mirror.auth_ttl),
+        # With cache.redis, its lease makes one replica of the fleet publish each repo's snapshot.
+        Mirror(config.mirror, config.tls.ca_file, metrics, shared.store if shared else None),
+        AuthProof(config.mirror.auth_ttl),
         HeldBytes(config.mirror.max_held_bodies),
     )  # fmt: skip
 

@@ -119,6 +119,19 @@ class Metrics:
             "git_token_proxy_mirror_evictions", "Mirrors evicted to stay under maxSize", registry=r
         )
         self.mirror_disk_bytes = Gauge("git_token_proxy_mirror_disk_bytes", "Disk used by the mirrors", registry=r)
+        # Mirror snapshots in object storage (mirror.snapshots).
+        self.snapshot_restores = Counter(
+            "git_token_proxy_snapshot_restores", "Mirrors started from a snapshot, by result", ["result"], registry=r
+        )  # result: restored, missing (none published), refused (foreign, corrupt, too large), failed, skipped
+        self.snapshot_publishes = Counter(
+            "git_token_proxy_snapshot_publishes", "Snapshot publishes, by result", ["result"], registry=r
+        )  # result: published, unchanged, recent, busy, lost_race, too_large, empty, failed
+        self.snapshot_restored_bytes = Counter(
+            "git_token_proxy_snapshot_restored_bytes", "Snapshot bytes restored from the bucket", registry=r
+        )
+        self.snapshot_published_bytes = Counter(
+            "git_token_proxy_snapshot_published_bytes", "Snapshot bytes uploaded to the bucket", registry=r
+        )
         # LFS objects through the proxy (lfs.proxyObjects).
         self.transfers_cut = Counter(
             "git_token_proxy_transfers_cut", "Requests whose answer did not go out whole, by the side that cut it",

@@ -44,6 +44,11 @@ NOT_FOR_STATIC_TOKENS = [
     "redis",
     "proxy.credentials.redis_store",
     "proxy.mirror",
+    "aiobotocore",  # mirror.snapshots only
+    "botocore",
+    "proxy.push.gate",  # push policies only
+    "proxy.access.identities",  # access.issuers only
+    "proxy.access.jwks",
 ]
 # Test fakes, the demo, `check` and the test tools: never part of a running proxy, whatever its config.
 NEVER_SERVED = ["proxy.testing", "proxy.demo", "proxy.check", "hypothesis", "kubernetes_validate", "pytest"]

@@ -18,8 +18,10 @@ from ..routing import LinearPattern, compile_repo_pattern
 from .fill import MirrorFiller
 from .gitrun import MirrorGit
 from .maintenance import MirrorMaintenance
+from .objectstore import ObjectStore
 from .pktline import NotAPackRequest, PackRequest, is_pack_request, parse_pack_request
 from .serve import UploadPack, start_upload_pack
+from .snapshots import FleetLeases, Snapshots
 from .store import MirrorSlot, MirrorStore
 
 log = logging.getLogger("git_token_proxy.mirror")
@@ -43,13 +45,16 @@ class MirrorAnswer:
 class Mirror:
     """One per process. No disk is touched until the first request or maintenance pass."""
 
-    def __init__(self, settings: MirrorConfig, ca_file: Path | None, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: MirrorConfig, ca_file: Path | None, metrics: Metrics, leases: FleetLeases | None = None
+    ) -> None:
         self._patterns: list[LinearPattern] = [compile_repo_pattern("mirror.repos", p) for p in settings.repos]
         self._store = MirrorStore(settings.dir)
         self._git = MirrorGit(self._store.home, ca_file)
         self._maintenance = MirrorMaintenance(self._store, self._git, metrics, settings.max_size)
+        self.snapshots = _build_snapshots(settings, ca_file, self._git, self._store, metrics, leases)
         self._filler = MirrorFiller(
-            self._store, self._git, metrics, self._maintenance.note_filled, self._maintenance.note_unclean
+            self._store, self._git, metrics, self._filled, self._maintenance.note_unclean, self.snapshots
         )
         self._serving: dict[UploadPack, MirrorSlot] = {}
 
@@ -146,14 +151,34 @@ class Mirror:
         if failed:  # a broken pack or ref shows here first: fsck decides, and a broken mirror is moved aside
             self._filler.schedule_check(slot)
 
+    def _filled(self, slot: MirrorSlot) -> None:
+        self._maintenance.note_filled(slot)
+        if self.snapshots is not None:
+            self.snapshots.note_filled(slot)  # publishes in the background, at most every publishEvery
+
     async def maintain_once(self) -> None:
         """One maintenance pass (what `run_maintenance` does periodically): git maintenance, eviction, the gauge."""
         await self._maintenance.run_once()
 
     async def run_maintenance(self) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.prepare()  # the S3 client is ready before the first restore needs it
         await self._maintenance.run_forever()
 
     async def close(self) -> None:
         for run in list(self._serving):
             await self._finish(run)
         await self._filler.close()
+        if self.snapshots is not None:
+            await self.snapshots.close()
+
+
+def _build_snapshots(
+    settings: MirrorConfig, ca_file: Path | None, git: MirrorGit, store: MirrorStore, metrics: Metrics,
+    leases: FleetLeases | None,
+) -> Snapshots | None:  # fmt: skip
+    if settings.snapshots is None:
+        return None
+    snapshots = settings.snapshots
+    bucket = ObjectStore(snapshots.bucket, endpoint=snapshots.endpoint, region=snapshots.region, ca_file=ca_file)
+    return Snapshots(snapshots, bucket, git, store, metrics, settings.max_size, leases)

@@ -9,12 +9,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from ..bounded import BoundedDict
 from ..credentials import Credential
 from ..metrics import Metrics
 from .gitrun import MirrorGit, describe_failure
+from .snapshots import RestoredSnapshot, Snapshots
 from .store import MirrorSlot, MirrorStore
 
 log = logging.getLogger("git_token_proxy.mirror")
@@ -43,8 +45,9 @@ class MirrorFiller:
 
     def __init__(
         self, store: MirrorStore, git: MirrorGit, metrics: Metrics, on_filled: Callable[[MirrorSlot], None],
-        on_unclean: Callable[[MirrorSlot], None],
+        on_unclean: Callable[[MirrorSlot], None], snapshots: Snapshots | None = None,
     ) -> None:  # fmt: skip
+        self._snapshots = snapshots
         self._store = store
         self._git = git
         self._metrics = metrics
@@ -104,21 +107,35 @@ class MirrorFiller:
         return filled
 
     async def _create(self, slot: MirrorSlot, url: str, authorization: str | None) -> bool:
-        """Built under a temporary name and renamed once whole: a crash leaves no half mirror under the real one."""
+        """Built under a temporary name and renamed once whole: a crash leaves no half mirror under the real one.
+        With snapshots, it starts from the fleet's newest one, then fetches from upstream with the credential as
+        without: no mirror is installed unless upstream answered that fetch."""
         incoming = await self._store.incoming_path(slot)
         try:
-            done = await self._git.init_bare(incoming)
-            if done.returncode == 0:
+            restored = await self._snapshots.restore(slot.key, incoming) if self._snapshots is not None else None
+            done = await self._git.init_bare(incoming) if restored is None else None
+            if done is None or done.returncode == 0:
                 done = await self._git.fetch(incoming, url, [MIRROR_REFSPEC], authorization, prune=True)
             if done.returncode != 0:
                 log.warning("mirror of %s: first fetch from %s failed (%s)", slot.key, url, describe_failure(done))
                 return False
-            await self._store.mark_clean(incoming)  # a fresh fetch holds only what the refs reach
+            clean = await self._is_clean_after(incoming, restored)
+            if clean:
+                await self._store.mark_clean(incoming)
             await self._store.install(incoming, slot)
-            log.info("mirror of %s created from %s", slot.key, url)
+            if not clean:
+                self._on_unclean(slot)  # pruned in the background; until then each want is checked
+            log.info("mirror of %s created from %s%s", slot.key, url, " and a snapshot" if restored else "")
             return True
         finally:
             await self._store.discard(incoming)  # nothing left once installed
+
+    async def _is_clean_after(self, incoming: Path, restored: RestoredSnapshot | None) -> bool:
+        """A fresh fetch holds only what the refs reach. So does a restored snapshot if its pack held only what its
+        refs reached and upstream's refs of now still reach all of those (nothing it had was rewound away)."""
+        if restored is None:
+            return True
+        return restored.clean and await self._git.all_reachable(incoming, restored.tips)
 
     async def _refresh(self, slot: MirrorSlot, url: str, authorization: str | None) -> bool:
         stale = await self._store.clear_stale_locks(slot)
