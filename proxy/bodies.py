@@ -156,3 +156,16 @@ async def peek_body(
         peeked.release()
         raise RequestBodyRefused(f"request body has {len(head)} bytes, not the {declared} its Content-Length says")
     return peeked
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int, chunk: int = 64 * 1024) -> bytes | None:
+    """An answer's body as its session decompressed it, chunk by chunk, or None past `limit` (a gzip bomb stops
+    there; the connection is closed rather than drained): GitHub's API answers, read into strict models."""
+    chunks, size = [], 0
+    async for piece in response.content.iter_chunked(chunk):
+        size += len(piece)
+        if size > limit:
+            response.close()
+            return None
+        chunks.append(piece)
+    return b"".join(chunks)

@@ -18,6 +18,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .. import __version__
+from ..bodies import read_capped
 from ..errors import (
     CredentialError,
     GitHubRefused,
@@ -55,7 +56,6 @@ JWT_REUSE = 480  # re-sign after 8 minutes, well before the 9-minute `exp`
 MAX_TRIES = 3
 SHORT_RATE_LIMIT_WAIT = 10.0  # waits up to this long are sat out; longer ones fail fast with a 503
 _SKEW_MESSAGES = ("'Issued at'", "'Expiration time'")
-_READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -298,21 +298,8 @@ class GitHubAppApi:
             server_time = parse_date(response.headers.get("Date"), time.time())
             # The larger cap is for the answer it was made for (a mint's 201); an error is a message, and small.
             limit = limit if 200 <= response.status < 300 else MAX_BODY
-            read = await _read_capped(response, limit)
+            read = await read_capped(response, limit)
             return _Answer(response.status, read, response.headers, server_time, limit)
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body as the API session decompressed it, chunk by chunk: a gzip bomb stops at `limit`, and the
-    connection is closed rather than drained. None when it was larger."""
-    chunks, size = [], 0
-    async for chunk in response.content.iter_chunked(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            response.close()
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _message_of(status: int, body: bytes | None, limit: int) -> str:

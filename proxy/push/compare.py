@@ -11,6 +11,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import __version__
+from ..bodies import read_capped
 from .ancestry import Ancestry, CompareFailed, CompareFn, UnknownCommit
 
 # An answer lists up to 300 changed files with their patches: megabytes for a big diff. Only three numbers are
@@ -77,7 +78,7 @@ async def compare_commits(
             timeout=aiohttp.ClientTimeout(total=within),
         ) as response:  # fmt: skip
             limit = MAX_ANSWER if response.status == 200 else MAX_ERROR_ANSWER
-            body = await _read_capped(response, limit)
+            body = await read_capped(response, limit)
             status = response.status
     except TimeoutError:
         raise CompareFailed(f"no answer within {within:.0f} s") from None
@@ -108,15 +109,3 @@ def _message(body: bytes | None) -> str:
         return ""
     message = data.get("message") if isinstance(data, dict) else None
     return message if isinstance(message, str) else ""
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body as the session decompressed it, or None past `limit` (the connection is closed, not drained)."""
-    chunks, size = [], 0
-    async for chunk in response.content.iter_chunked(64 << 10):
-        size += len(chunk)
-        if size > limit:
-            response.close()
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -108,25 +109,7 @@ async def test_waiters_that_give_up_on_a_stuck_holder_take_the_lease_and_mint_on
     up after the lease's life, and the first to give up takes the lease, so that the fleet still mints once."""
     config, lease = await _learn_the_lease_key(fake_github, acme_app, redis_server, git, replicas, "2s")  # 7 s leases
     _forget_every_token(fake_github, redis_server)
-    stop = asyncio.Event()
-
-    async def renew_for_ever() -> None:  # SET ... XX: only while it still holds the attacker's value
-        while not stop.is_set():
-            if redis_server.command("GET", lease) in (b"$-1\r\n", b"$8\r\nattacker\r\n"):
-                redis_server.command("SET", lease, "attacker", "PX", "5000")
-            await asyncio.sleep(0.2)
-
-    renewing = asyncio.create_task(renew_for_ever())
-    await asyncio.sleep(0.3)
-    try:
-        a, b = await replicas.start(config), await replicas.start(config)
-        await asyncio.gather(
-            git("clone", "--quiet", f"{a}/github.com/acme/private", "a"),
-            git("clone", "--quiet", f"{b}/github.com/acme/other", "b"),
-        )
-    finally:
-        stop.set()
-        await renewing
+    await _clone_twice_while_writing(redis_server, lease, lambda turn: "attacker", config, git, replicas)
     assert fake_github.apps.count("mint") == 2, "the waiters minted beside each other"  # the first clone's, and one
     assert replicas.metric(1, "git_token_proxy_lease_waits_total") == 1
 
@@ -141,18 +124,30 @@ async def test_a_writer_that_keeps_changing_the_holder_does_not_restart_the_wait
     without a fleet. (The clock itself: test_lease_wait's unit tests, on a clock of their own.)"""
     config, lease = await _learn_the_lease_key(fake_github, acme_app, redis_server, git, replicas, "2s")  # 7 s leases
     _forget_every_token(fake_github, redis_server)
+    await _clone_twice_while_writing(
+        redis_server, lease, lambda turn: f"attacker-{turn:06}", config, git, replicas
+    )  # fmt: skip
+    assert fake_github.apps.count("mint") <= 3  # the first clone's, and at most one per replica
+
+
+async def _clone_twice_while_writing(
+    redis: RedisServer, lease: str, value: Callable[[int], str], config: dict[str, Any], git: Git,
+    replicas: Replicas,
+) -> None:  # fmt: skip
+    """Two cold replicas clone while the writer sets the lease every 0.2 s (5 s TTL) to `value(turn)`, but only
+    while it holds no replica's value (the key is absent, or holds one of the writer's)."""
     stop = asyncio.Event()
 
-    async def rotate_for_ever() -> None:
+    async def write_for_ever() -> None:
         turn = 0
         while not stop.is_set():
-            held = redis_server.command("GET", lease)
-            if held == b"$-1\r\n" or b"attacker-" in held:
+            held = redis.command("GET", lease)
+            if held == b"$-1\r\n" or b"attacker" in held:
                 turn += 1
-                redis_server.command("SET", lease, f"attacker-{turn:06}", "PX", "5000")
+                redis.command("SET", lease, value(turn), "PX", "5000")
             await asyncio.sleep(0.2)
 
-    rotating = asyncio.create_task(rotate_for_ever())
+    writing = asyncio.create_task(write_for_ever())
     await asyncio.sleep(0.3)
     try:
         a, b = await replicas.start(config), await replicas.start(config)
@@ -162,8 +157,7 @@ async def test_a_writer_that_keeps_changing_the_holder_does_not_restart_the_wait
         )
     finally:
         stop.set()
-        await rotating
-    assert fake_github.apps.count("mint") <= 3  # the first clone's, and at most one per replica
+        await writing
 
 
 async def _learn_the_lease_key(
