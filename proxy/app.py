@@ -121,6 +121,7 @@ def build_push_settings(config: Config, api_session: aiohttp.ClientSession) -> P
     clients_push = any(client.push is not None for client in config.access.clients) or config.access.issuers
     if not entries and not clients_push:
         return None
+    from .push.budget import CompareBudget
     from .push.rules import PushPolicy
 
     policies = {e.id: PushPolicy.from_config(f"auth entry {e.id!r}", e.push) for e in entries if e.push is not None}
@@ -129,7 +130,7 @@ def build_push_settings(config: Config, api_session: aiohttp.ClientSession) -> P
         url = api_url_for(entry, config) if isinstance(entry, GitHubAppEntry) else host_api_url(entry, config)
         if url is not None:
             api_urls[entry.id] = url
-    return PushSettings(policies, api_session, api_urls)
+    return PushSettings(policies, api_session, api_urls, CompareBudget())
 
 
 # A lease outlives the longest mint (every API call is bounded by httpClientTimeout) by this much; a holder that

@@ -47,6 +47,7 @@ NOT_FOR_STATIC_TOKENS = [
     "aiobotocore",  # mirror.snapshots only
     "botocore",
     "proxy.push.gate",  # push policies only
+    "aiolimiter",
     "proxy.access.identities",  # access.issuers only
     "proxy.access.jwks",
 ]

@@ -11,7 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.bodies import HeldBytes
 from proxy.push.ancestry import CompareFn
+from proxy.push.budget import CompareBudget
 from proxy.push.commands import ZERO_ID
 from proxy.push.compare import github_compare
 from proxy.push.decide import Reason
@@ -271,6 +273,55 @@ async def test_held_bytes_are_let_go_on_every_path(world: World, tmp_path: Path)
     dropped.release()
     assert open_files() == before
     assert not os.listdir(spill)
+
+
+async def test_pushes_checked_at_once_share_one_bound_on_what_they_hold(world: World) -> None:
+    """Each check holds its pack until it is sent on; together they hold no more than `shared`'s limit, and a
+    push past it is refused as undecidable with the reason, not queued on disk."""
+    old = world.local.head()
+    new = world.local.empty_commits(60, 20_000)
+    pack = world.local.pack(new, f"^{old}", window=0)
+    shared = HeldBytes(len(pack) + len(pack) // 2)
+    limits = PushLimits(shared=shared)
+    first = await world.check(receive_pack_body([(old, new, BRANCH)], pack), limits=limits)
+    assert isinstance(first, PassOn) and shared.held == len(pack)
+    second = await world.check(receive_pack_body([(old, new, BRANCH)], pack), limits=limits)
+    assert isinstance(second, Refused) and second.reason is Reason.UNDECIDABLE
+    assert "holds" in report_lines(second)[1] and "push again in a moment" in report_lines(second)[1]
+    assert shared.held == len(pack)  # the refused one gave back what it had taken
+    first.release()
+    assert shared.held == 0
+    third = await world.check(receive_pack_body([(old, new, BRANCH)], pack), limits=limits)
+    assert isinstance(third, PassOn)
+    third.release()
+    assert shared.held == 0
+
+
+async def test_one_push_walks_its_commits_within_one_budget_whatever_its_updates(world: World) -> None:
+    """Many updates of one long history: each walk counts against the push's budget, not only its own."""
+    old = world.local.head()
+    new = world.local.empty_commits(100, 100)
+    pack = world.local.pack(new, f"^{old}", window=0)
+    refs = [f"{BRANCH}-{index}" for index in range(4)]
+    for ref in refs:
+        world.publish(old, ref)
+    body = receive_pack_body([(old, new, ref) for ref in refs], pack)
+    within = await world.check(body, limits=PushLimits(max_walk_total=1000))
+    assert isinstance(within, PassOn)
+    within.release()
+    over = await world.check(body, limits=PushLimits(max_walk_total=250))
+    assert isinstance(over, Refused) and over.reason is Reason.UNDECIDABLE
+    assert any("more than 250 new commits to walk in this push" in line for line in report_lines(over))
+
+
+async def test_the_compare_budget_is_shared_by_an_entry_and_kept_per_party() -> None:
+    budget = CompareBudget(entry_per_hour=60, party_per_hour=30)  # buckets of 4 and 2 questions
+    assert [await budget.spend("acme", "run-42") for _ in range(3)] == [True, True, False]
+    assert "'run-42' has spent its 30 questions" in budget.describe("acme", "run-42")
+    assert [await budget.spend("acme", "run-77") for _ in range(3)] == [True, True, False]
+    assert not await budget.spend("acme", "run-99")  # the entry's share is spent, whoever asks
+    assert "the auth entry's 60 questions to GitHub an hour are spent" in budget.describe("acme", "run-99")
+    assert await budget.spend("other", "run-42")  # another entry has its own
 
 
 async def test_the_rest_of_a_refused_push_is_drained_within_a_bound() -> None:

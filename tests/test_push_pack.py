@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.push.delta import DeltaError, DeltaTooLarge, apply_delta
+from proxy.push.delta import DeltaError, DeltaTooLarge, DeltaTooLong, apply_delta
 from proxy.push.pack import BLOB, COMMIT, OFS_DELTA, TREE, MalformedPack, PackScanner, commit_parents, tag_target
+from proxy.push.pack import PackTooCostly as TooCostly
 from proxy.testing import git_env
 
 
@@ -191,6 +192,43 @@ def test_a_hand_built_pack_with_a_delta_commit_and_a_bogus_one() -> None:
     assert scanner.known.unreadable == {hashlib.sha1(b"commit 12\0" + bogus).hexdigest()}
 
 
+def test_a_pack_that_costs_too_much_to_read_is_not_read_to_its_end() -> None:
+    """A zlib bomb (a blob of zeros inflates a thousandfold) and a delta of one-byte copies, each a step of
+    Python: past the scanner's budgets, it stops, whatever is left."""
+    zeros = 4 << 20
+    bomb = raw_pack(entry_header(BLOB, zeros) + zlib.compress(bytes(zeros), 9))
+    assert len(bomb) < 8 << 10
+    with pytest.raises(TooCostly, match="inflates to more than 1 MiB"):
+        scan_with(PackScanner(max_inflated=1 << 20), bomb)
+    scan_with(PackScanner(), bomb)  # within the default budget, the same pack is read
+
+    base = COMMIT_TEXT
+    copies = _varint(len(base)) + _varint(1000) + bytes([0x90, 1]) * 1000  # one byte per instruction
+    first = entry_header(COMMIT, len(base)) + zlib.compress(base)
+    deltas = [entry_header(OFS_DELTA, len(copies)) + _ofs(len(first)) + zlib.compress(copies)]
+    with pytest.raises(TooCostly, match="more than 100 instructions"):
+        scan_with(PackScanner(max_delta_steps=100), raw_pack(first, *deltas))
+    scan_with(PackScanner(max_delta_steps=1000), raw_pack(first, *deltas))
+
+
+def scan_with(scanner: PackScanner, pack: bytes) -> PackScanner:
+    for start in range(0, len(pack), 4096):
+        scanner.feed(pack[start : start + 4096])
+    scanner.finish()
+    return scanner
+
+
+def _ofs(distance: int) -> bytes:
+    """An OFS_DELTA's distance: big-endian base-128, each continuation adding one."""
+    out = [distance & 0x7F]
+    distance >>= 7
+    while distance:
+        distance -= 1
+        out.insert(0, 0x80 | (distance & 0x7F))
+        distance >>= 7
+    return bytes(out)
+
+
 def _delta(base: bytes, result: bytes) -> bytes:
     """A delta that copies the base's first 46 bytes (its tree line) and inserts the rest."""
     rest = result[46:]
@@ -225,21 +263,24 @@ def test_parents_are_only_the_lines_right_after_the_tree_as_git_reads_them() -> 
 
 def test_delta_application_and_its_refusals() -> None:
     base = b"0123456789"
-    assert apply_delta(base, bytes([10, 7, 0x91, 2, 4, 3]) + b"abc", 100) == b"2345abc"
-    assert apply_delta(b"x" * 0x10000, _varint(0x10000) + _varint(0x10000) + bytes([0x80]), 1 << 20) == b"x" * 0x10000
+    assert apply_delta(base, bytes([10, 7, 0x91, 2, 4, 3]) + b"abc", 100, 10) == (b"2345abc", 2)
+    one_copy = _varint(0x10000) + _varint(0x10000) + bytes([0x80])
+    assert apply_delta(b"x" * 0x10000, one_copy, 1 << 20, 10) == (b"x" * 0x10000, 1)
+    with pytest.raises(DeltaTooLong):
+        apply_delta(base, bytes([10, 7, 0x91, 2, 4, 3]) + b"abc", 100, 1)
     with pytest.raises(DeltaError, match="applied to"):
-        apply_delta(base, bytes([9, 1, 1]) + b"a", 100)
+        apply_delta(base, bytes([9, 1, 1]) + b"a", 100, 10)
     with pytest.raises(DeltaError, match="past the end of the base"):
-        apply_delta(base, bytes([10, 5, 0x91, 8, 5]), 100)
+        apply_delta(base, bytes([10, 5, 0x91, 8, 5]), 100, 10)
     with pytest.raises(DeltaError, match="reserved instruction"):
-        apply_delta(base, bytes([10, 1, 0]), 100)
+        apply_delta(base, bytes([10, 1, 0]), 100, 10)
     with pytest.raises(DeltaError, match="insert past the end"):
-        apply_delta(base, bytes([10, 3, 3]) + b"a", 100)
+        apply_delta(base, bytes([10, 3, 3]) + b"a", 100, 10)
     with pytest.raises(DeltaError, match="makes less"):
-        apply_delta(base, bytes([10, 3, 1]) + b"a", 100)
+        apply_delta(base, bytes([10, 3, 1]) + b"a", 100, 10)
     with pytest.raises(DeltaError, match="makes more"):
-        apply_delta(base, bytes([10, 1, 2]) + b"ab", 100)
+        apply_delta(base, bytes([10, 1, 2]) + b"ab", 100, 10)
     with pytest.raises(DeltaError, match="cut short"):
-        apply_delta(base, bytes([10, 1, 0x91]), 100)
+        apply_delta(base, bytes([10, 1, 0x91]), 100, 10)
     with pytest.raises(DeltaTooLarge):
-        apply_delta(base, bytes([10, 101, 1]) + b"a", 100)
+        apply_delta(base, bytes([10, 101, 1]) + b"a", 100, 10)

@@ -21,6 +21,7 @@ from .watch import BodySlots, TransferWatch
 if TYPE_CHECKING:  # the mirror and push packages are loaded by app.build_*, for configs that use them only
     from ..mirror import Mirror
     from ..mirror.proof import AuthProof
+    from ..push.budget import CompareBudget
     from ..push.rules import PushPolicy
 
 
@@ -32,6 +33,7 @@ class PushSettings:
     entry_policies: Mapping[str, PushPolicy]
     api_session: aiohttp.ClientSession
     api_urls: Mapping[str, str]  # entry id -> its REST API
+    compare_budget: CompareBudget  # how often each entry, and each party, may ask it
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ForwardContext:
     push: PushSettings | None = None  # with a push policy anywhere in the config
 
 
+MAX_HELD_PUSHES = 8 << 30  # several pushes at push.maxCheckedPackSize's default (1 GiB) each
+
+
 @dataclass
 class LiveContext:
     """A reload replaces `current` in one assignment; a request keeps the context it started with to its end."""
@@ -60,6 +65,8 @@ class LiveContext:
     transfers: TransferWatch
     body_slots: BodySlots | None = None
     lfs_handles: HandleStore = field(default_factory=HandleStore)  # outlive reloads, like the transfers they name
+    # What all pushes being checked for a fast-forward hold at once (on disk, past their first MiB).
+    held_pushes: HeldBytes = field(default_factory=lambda: HeldBytes(MAX_HELD_PUSHES))
 
 
 FORWARD_CONTEXT = web.AppKey("forward_context", LiveContext)

@@ -60,8 +60,8 @@ async def police_receive_pack(exchange: Exchange, client: Client | None) -> Pass
 
     who = client.name if client is not None else (route.entry.id if route.entry else "anonymous")
     outcome = await check_push(
-        request.content, request.headers.get("Content-Encoding"), policies, who, _compare_for(exchange),
-        PushLimits(), exchange.count_in,
+        request.content, request.headers.get("Content-Encoding"), policies, who, _compare_for(exchange, who),
+        PushLimits(shared=exchange.live.held_pushes), exchange.count_in,
     )  # fmt: skip
     exchange.push_refs = [ref.as_audit() for ref in outcome.refs]
     if not isinstance(outcome, Refused):
@@ -70,6 +70,7 @@ async def police_receive_pack(exchange: Exchange, client: Client | None) -> Pass
     exchange.context.metrics.push_refused.labels(entry, outcome.reason.value).inc()
     log.info("%s", outcome.message)
     drained = await discard_rest(request.content, DRAIN_LIMIT)
+    exchange.bytes_in = max(exchange.bytes_in, request.content.total_bytes)  # what was drained counts too
     exchange.status, exchange.reason, exchange.answer = outcome.status, outcome.message, Answer.DONE
     exchange.bytes_out = len(outcome.body)
     headers = {**outcome.headers, "X-Request-Id": exchange.request_id}
@@ -100,23 +101,27 @@ async def read_push_report(
             ref["result"] = report.results.get(ref["ref"], "sent")
 
 
-def _compare_for(exchange: Exchange) -> CompareFn | None:
+def _compare_for(exchange: Exchange, who: str) -> CompareFn | None:
     """GitHub's compare API for this repo, asked with the entry's credential (fetched on the first question
-    only: a push refused for its refs never needs one). None without an entry or an API to ask: such updates
-    are refused as undecidable."""
+    only: a push refused for its refs never needs one), within the entry's and the party's budget of questions.
+    None without an entry or an API to ask: such updates are refused as undecidable."""
     settings, route, source = exchange.context.push, exchange.routed, exchange.source
-    api_url = settings.api_urls.get(route.entry.id) if settings is not None and route.entry is not None else None
-    if settings is None or api_url is None or source is None:
+    entry = route.entry
+    api_url = settings.api_urls.get(entry.id) if settings is not None and entry is not None else None
+    if settings is None or entry is None or api_url is None or source is None:
         return None
     from ..push.ancestry import CompareFailed
     from ..push.compare import compare_commits
 
     async def compare(base: str, head: str) -> Ancestry:
+        if not await settings.compare_budget.spend(entry.id, who):
+            raise CompareFailed(settings.compare_budget.describe(entry.id, who))
         try:
             credential = await credential_for(source, route, exchange.context.metrics)
         except ProxyError as error:
             raise CompareFailed(f"no credential to ask GitHub with: {error}") from None
         assert credential is not None
+        exchange.credential = credential  # the audit line names the token the question was asked with
         authorization = f"token {credential.token}"
         repo = route.repo
         return await compare_commits(settings.api_session, api_url, repo.owner, repo.name, authorization, base, head)
@@ -125,21 +130,29 @@ def _compare_for(exchange: Exchange) -> CompareFn | None:
 
 
 def refuse_lfs_outside_policy(exchange: Exchange, client: Client | None, body: bytes) -> None:
-    """LFS under a push policy: an upload needs a party that may push at least one ref of the repo, and a lock
-    request that names a ref (`ref.name`) needs that ref to be one it may push (one that names none: any ref)."""
+    """LFS under a push policy: an upload needs a party that may push at least one ref of the repo; a lock or an
+    unlock needs the ref it names (`ref.name`) to be one the party may push, and one that names none is allowed
+    only where the policies allow every ref (such a lock holds on every branch). Listing locks (`verify`)
+    without a ref needs only what an upload needs."""
     policies = policies_for(exchange, client)
     if not policies or exchange.request.method != "POST":
         return
-    from ..push.rules import lock_ref_allowed, may_push_any
+    from ..push.rules import allows_every_ref, lock_ref_allowed, may_push_any
 
-    route = exchange.routed
+    route, who = exchange.routed, _who(exchange, client)
     fields = _json_fields(body)
-    locks = "locks" in route.endpoint.segments
-    if locks and isinstance(ref := fields.get("ref"), str):
+    segments = route.endpoint.segments
+    locks = "locks" in segments
+    ref = fields.get("ref")
+    if locks and isinstance(ref, str):
         if not lock_ref_allowed(ref, policies):
-            raise PushRefused(f"LFS lock on {ref} is not allowed for {_who(exchange, client)}: outside its push policy")
+            raise PushRefused(f"LFS lock on {ref} is not allowed for {who}: outside its push policy")
+    elif locks and segments[-1] != "verify" and not allows_every_ref(policies):
+        raise PushRefused(
+            f"LFS locks in {route.repo} must name a ref (ref.name) for {who}: its push policy allows only some refs"
+        )
     elif (locks or fields.get("operation") != "download") and not may_push_any(policies):
-        raise PushRefused(f"LFS uploads and locks in {route.repo} are not allowed for {_who(exchange, client)}")
+        raise PushRefused(f"LFS uploads and locks in {route.repo} are not allowed for {who}")
 
 
 def _who(exchange: Exchange, client: Client | None) -> str:
@@ -147,22 +160,29 @@ def _who(exchange: Exchange, client: Client | None) -> str:
     return f"'{client.name}'" if client is not None else f"auth entry '{entry.id if entry else ''}'"
 
 
+_READ_KEYS = frozenset({"operation", "ref", "name"})
+
+
 def _json_fields(body: bytes) -> dict[str, str | None]:
-    """`operation` and `ref.name` of an LFS request, each only when every JSON parser would read the same one
-    (Go's encoding/json folds case and keeps the last of duplicate keys): an ambiguous one reads as "unknown"."""
-    seen: list[str] = []
+    """`operation` and `ref.name` of an LFS request, each only when every JSON parser would read the same one.
+    Go's encoding/json (git-lfs servers) matches keys without regard to case and keeps the last of duplicates:
+    a duplicate, or a key that differs from one read here only in case (`Ref`, `NAME`), reads as "unknown"."""
+    ambiguous = False
 
     def collect(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        seen.extend(key.casefold() for key, _ in pairs)
-        if len({key.casefold() for key, _ in pairs}) != len(pairs):
-            seen.append("<ambiguous>")
+        nonlocal ambiguous
+        folded = [key.casefold() for key, _ in pairs]
+        if len(set(folded)) != len(pairs) or any(
+            fold in _READ_KEYS and key != fold for (key, _), fold in zip(pairs, folded, strict=True)
+        ):
+            ambiguous = True
         return dict(pairs)
 
     try:
         document = json.loads(body, object_pairs_hook=collect)
     except (ValueError, RecursionError):
         return {"operation": None, "ref": "<unreadable>"}
-    if not isinstance(document, dict) or "<ambiguous>" in seen:
+    if not isinstance(document, dict) or ambiguous:
         return {"operation": None, "ref": "<unreadable>"}
     ref = document.get("ref")
     name = ref.get("name") if isinstance(ref, dict) else None

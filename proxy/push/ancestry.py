@@ -11,6 +11,7 @@ from .pack import KnownObjects
 
 MAX_COMPARE_CALLS = 16  # per push: a merge brings two boundaries, a long-lived branch a few more
 MAX_WALK = 100_000  # pushed commits walked per ref update
+MAX_WALK_TOTAL = 400_000  # per push, over all its updates and both attempts: 1000 updates do not walk 1000 times
 _PEEL_DEPTH = 8
 
 
@@ -58,7 +59,9 @@ class AncestryChecker:
     compare: CompareFn
     max_calls: int = MAX_COMPARE_CALLS
     max_walk: int = MAX_WALK
+    max_walk_total: int = MAX_WALK_TOTAL
     calls: int = 0
+    walked: int = 0  # commits walked so far, over every check
     _answers: dict[tuple[str, str], Ancestry | None] = field(default_factory=dict)  # None: upstream lacks one
 
     async def check(self, old: str, new: str, known: KnownObjects, *, final: bool) -> Verdict:
@@ -68,8 +71,12 @@ class AncestryChecker:
         tip = _peeled(new, known)
         if isinstance(tip, Verdict):
             return tip
-        walked = _walk(tip, old, known, self.max_walk)
+        limit = min(self.max_walk, self.max_walk_total - self.walked)
+        walked, steps = _walk(tip, old, known, limit)
+        self.walked += steps
         if isinstance(walked, Verdict):
+            if walked.outcome is Outcome.UNDECIDABLE and steps >= limit and limit < self.max_walk:
+                return Verdict(Outcome.UNDECIDABLE, f"more than {self.max_walk_total} new commits to walk in this push")
             return walked
         unknown, failed = [], ""
         for boundary in walked:
@@ -118,16 +125,17 @@ def _peeled(new: str, known: KnownObjects) -> str | Verdict:
     return Verdict(Outcome.UNDECIDABLE, f"tags nested more than {_PEEL_DEPTH} deep")
 
 
-def _walk(tip: str, old: str, known: KnownObjects, limit: int) -> list[str] | Verdict:
+def _walk(tip: str, old: str, known: KnownObjects, limit: int) -> tuple[list[str] | Verdict, int]:
     """Breadth-first from `tip` over the pushed commits: FAST_FORWARD on meeting `old`, else the boundary, the
-    commits reached that the pack does not hold (in the order met: the closest first)."""
+    commits reached that the pack does not hold (in the order met: the closest first). With the number of
+    commits it took in: no more than `limit`."""
     queue, seen, boundary = deque([tip]), {tip}, []
     while queue:
         commit = queue.popleft()
         if commit == old:
-            return Verdict(Outcome.FAST_FORWARD)
+            return Verdict(Outcome.FAST_FORWARD), len(seen)
         if commit in known.unreadable:
-            return Verdict(Outcome.UNDECIDABLE, f"commit {commit[:12]} in the push is malformed")
+            return Verdict(Outcome.UNDECIDABLE, f"commit {commit[:12]} in the push is malformed"), len(seen)
         parents = known.commits.get(commit)
         if parents is None:
             boundary.append(commit)
@@ -135,10 +143,10 @@ def _walk(tip: str, old: str, known: KnownObjects, limit: int) -> list[str] | Ve
         for parent in parents:
             if parent not in seen:
                 if len(seen) >= limit:
-                    return Verdict(Outcome.UNDECIDABLE, f"more than {limit} new commits to walk")
+                    return Verdict(Outcome.UNDECIDABLE, f"more than {limit} new commits to walk"), len(seen)
                 seen.add(parent)
                 queue.append(parent)
-    return boundary
+    return boundary, len(seen)
 
 
 def _missing(commit: str) -> str:

@@ -11,9 +11,13 @@ class DeltaTooLarge(DeltaError):
     """A well-formed delta whose result is larger than the caller keeps."""
 
 
-def apply_delta(base: bytes, delta: bytes, max_result: int) -> bytes:
+class DeltaTooLong(DeltaError):
+    """A delta of more instructions than the caller has left to spend (each one is a step of Python)."""
+
+
+def apply_delta(base: bytes, delta: bytes, max_result: int, max_steps: int) -> tuple[bytes, int]:
     """The object `delta` makes of `base` (patch-delta.c): two sizes, then instructions that either copy a range
-    of the base or insert the bytes that follow them."""
+    of the base or insert the bytes that follow them. Returns it with the number of instructions it took."""
     try:
         base_size, position = _size(delta, 0)
         result_size, position = _size(delta, position)
@@ -23,8 +27,11 @@ def apply_delta(base: bytes, delta: bytes, max_result: int) -> bytes:
         raise DeltaError(f"a delta for a base of {base_size} bytes, applied to {len(base)}")
     if result_size > max_result:
         raise DeltaTooLarge(f"a delta result of {result_size} bytes")
-    out = bytearray()
+    out, steps = bytearray(), 0
     while position < len(delta):
+        steps += 1
+        if steps > max_steps:
+            raise DeltaTooLong(f"a delta of more than {max_steps} instructions")
         op = delta[position]
         position += 1
         if op & 0x80:
@@ -43,7 +50,7 @@ def apply_delta(base: bytes, delta: bytes, max_result: int) -> bytes:
             raise DeltaError("a delta that makes more than it said")
     if len(out) != result_size:
         raise DeltaError("a delta that makes less than it said")
-    return bytes(out)
+    return bytes(out), steps
 
 
 def _size(delta: bytes, position: int) -> tuple[int, int]:

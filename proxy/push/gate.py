@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -11,16 +13,20 @@ from typing import IO
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .ancestry import MAX_COMPARE_CALLS, MAX_WALK, AncestryChecker, CompareFn, Outcome, Verdict
+from ..bodies import HeldBytes
+from .ancestry import MAX_COMPARE_CALLS, MAX_WALK, MAX_WALK_TOTAL, AncestryChecker, CompareFn, Outcome, Verdict
 from .commands import CommandLimits, CommandList, MalformedCommands, RefUpdate, read_command_list
 from .decide import Reason, Refusal, Settled, check_refs, force_refusal, settle, undecidable_refusal
-from .pack import MalformedPack, PackScanner
+from .pack import MalformedPack, PackScanner, PackTooCostly
 from .report import RESULT_TYPE, reads_a_report, receive_pack_report
 from .rules import BoundPolicy
 
 _SPOOL = 1 << 20  # a pack prefix held for a check stays in memory up to this size, then goes to a temporary file
 _READ_BACK = 256 << 10
 _STEP = 64 << 10
+# Packs are read off the loop, in threads of their own: the default executor also resolves host names, which a
+# few costly pushes must not hold up.
+_SCANNERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="push-scan")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,9 @@ class PushLimits:
     commands: CommandLimits = field(default_factory=CommandLimits)
     max_compare_calls: int = MAX_COMPARE_CALLS
     max_walk: int = MAX_WALK
+    max_walk_total: int = MAX_WALK_TOTAL
     temp_dir: Path | None = None  # where a held pack prefix spills to (None: the system's temporary folder)
+    shared: HeldBytes | None = None  # what every push being checked holds at once, on disk and in memory
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,9 @@ async def check_push(
     if compare is None:
         why = "the proxy has no GitHub API to ask for this repo"
         return _outcome(commands, {update.ref: undecidable_refusal(update, why) for update in pending}, None)
-    checker = AncestryChecker(compare, limits.max_compare_calls, limits.max_walk)
+    checker = AncestryChecker(compare, limits.max_compare_calls, limits.max_walk, limits.max_walk_total)
     room = min(policy.max_checked_pack_size for policy in policies if not policy.force)
-    held = _HeldPack(room, limits.temp_dir)
+    held = _HeldPack(room, limits.temp_dir, limits.shared)
     try:
         refusals = await _prove_fast_forwards(content, pending, checker, held, who, progress)
     except BaseException:  # cancelled (the client left), or a bug: what was held goes all the same
@@ -142,9 +150,10 @@ async def _prove_fast_forwards(
             if progress is not None:
                 progress(len(chunk))
             if not held.write(chunk):
-                why = f"the push is over push.maxCheckedPackSize ({held.limit} bytes) before its commits are in"
-                return {update.ref: undecidable_refusal(update, why) for update in pending}
-            scanner.feed(chunk)
+                return {update.ref: undecidable_refusal(update, held.why_full()) for update in pending}
+            # Off the loop: a chunk can take a while to read (a delta of a million tiny copies, a zlib bomb),
+            # within the scanner's budgets; other requests go on meanwhile.
+            await asyncio.get_running_loop().run_in_executor(_SCANNERS, scanner.feed, chunk)
             if scanner.past_commits and not tried_early:
                 tried_early = True
                 decided = await _decide(pending, checker, scanner, who, final=False)
@@ -152,6 +161,9 @@ async def _prove_fast_forwards(
                     return decided
     except MalformedPack as error:
         return {update.ref: Refusal(Reason.MALFORMED, f"a malformed pack: {error}") for update in pending}
+    except PackTooCostly as error:
+        why = f"the push is too costly to read: {error}"
+        return {update.ref: undecidable_refusal(update, why) for update in pending}
     except (OSError, aiohttp.ClientError, HttpProcessingError):
         return {update.ref: Refusal(Reason.MALFORMED, "the push broke off in its pack") for update in pending}
     decided = await _decide(pending, checker, scanner, who, final=True)
@@ -229,19 +241,33 @@ def _malformed(why: str, who: str) -> Refused:
 
 class _HeldPack:
     """The pack bytes read while checking, to be sent on first: in memory up to _SPOOL, then in an unnamed
-    temporary file (gone with its descriptor, whatever path the request takes), never more than `limit`."""
+    temporary file (gone with its descriptor, whatever path the request takes), never more than `limit`, and
+    taken from `shared` (what all checks together may hold) as it grows."""
 
-    def __init__(self, limit: int, directory: Path | None) -> None:
+    def __init__(self, limit: int, directory: Path | None, shared: HeldBytes | None = None) -> None:
         self.limit = limit
         self.size = 0
+        self._shared = shared
+        self._shared_full = False
         self._file: IO[bytes] | None = tempfile.SpooledTemporaryFile(_SPOOL, dir=str(directory) if directory else None)  # noqa: SIM115
 
     def write(self, chunk: bytes) -> bool:
         if self.size + len(chunk) > self.limit or self._file is None:
             return False
+        if self._shared is not None and not self._shared.take(len(chunk)):
+            self._shared_full = True
+            return False
         self._file.write(chunk)
         self.size += len(chunk)
         return True
+
+    def why_full(self) -> str:
+        if self._shared_full and self._shared is not None:
+            return (
+                f"the proxy already holds {self._shared.limit >> 20} MiB of pushes being checked; push again "
+                "in a moment"
+            )
+        return f"the push is over push.maxCheckedPackSize ({self.limit} bytes) before its commits are in"
 
     def chunks(self) -> Iterator[bytes]:
         if self._file is None:
@@ -254,3 +280,5 @@ class _HeldPack:
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self._shared is not None:
+                self._shared.give_back(self.size)

@@ -8,13 +8,17 @@ import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .delta import DeltaError, DeltaTooLarge, apply_delta
+from .delta import DeltaError, DeltaTooLarge, DeltaTooLong, apply_delta
 
 COMMIT, TREE, BLOB, TAG, OFS_DELTA, REF_DELTA = 1, 2, 3, 4, 6, 7
 _TYPE_NAMES = {COMMIT: b"commit", TREE: b"tree", BLOB: b"blob", TAG: b"tag"}
 MAX_KEPT_OBJECT = 1 << 20  # a commit or tag kept whole (to parse it, and as a delta base) up to this size
 MAX_KEPT_TOTAL = 32 << 20  # all of them together, per push; past it, new ones are parsed but not kept as bases
 MAX_COMMITS = 200_000  # commits whose parents are remembered (and tags whose targets are), per push
+# What reading one push may cost, whatever its pack: zlib inflates up to about 1000 bytes per byte sent, and a
+# delta of tiny copy instructions is a step of Python for each. A real push stays far below both.
+MAX_INFLATED = 4 << 30  # bytes inflated (entries and delta results) per push: a few seconds of zlib
+MAX_DELTA_STEPS = 2_000_000  # delta instructions applied per push: about a second of Python
 _PREFIX = 64 << 10  # of a larger commit only the start is kept: its parents come right after its tree
 _CHUNK = 64 << 10  # inflated bytes per step: a blob passes through in pieces this size, and is dropped
 _HEX = re.compile(rb"[0-9a-fA-F]{40}")  # git's get_oid_hex takes either case
@@ -22,6 +26,10 @@ _HEX = re.compile(rb"[0-9a-fA-F]{40}")  # git's get_oid_hex takes either case
 
 class MalformedPack(ValueError):
     """A pack that index-pack would refuse too, or one built to make this reader misjudge it."""
+
+
+class PackTooCostly(Exception):
+    """A pack that takes more than MAX_INFLATED or MAX_DELTA_STEPS to read: perhaps valid, but not checked."""
 
 
 class _State(Enum):
@@ -64,8 +72,9 @@ class PackScanner:
     """Sans-IO: `feed` it the pack's bytes as they come. Each entry is inflated with its own zlib stream, whose end
     (`unused_data`) is where the next entry starts; only commits and tags (and deltas against them) are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_inflated: int = MAX_INFLATED, max_delta_steps: int = MAX_DELTA_STEPS) -> None:
         self.known = KnownObjects()
+        self.max_inflated, self.max_delta_steps = max_inflated, max_delta_steps
         self.past_commits = False  # a tree or blob arrived: git writes every commit before them
         self._state = _State.HEADER
         self._pending = b""  # bytes of a header not yet whole
@@ -76,6 +85,8 @@ class PackScanner:
         self._kept_by_offset: dict[int, _Kept] = {}
         self._kept_by_id: dict[str, _Kept] = {}
         self._kept_bytes = 0
+        self._inflated = 0
+        self._delta_steps = 0
 
     @property
     def done(self) -> bool:
@@ -183,6 +194,7 @@ class PackScanner:
             entry.produced += len(out)
             if entry.produced > entry.size:
                 raise MalformedPack("an entry larger than its header says")
+            self._spend_inflated(len(out))
             self._take(entry, out)
             if inflater.eof:
                 self._end(entry)
@@ -215,14 +227,24 @@ class PackScanner:
             return
         assert entry.base is not None
         try:
-            result = apply_delta(entry.base.content, content, MAX_KEPT_OBJECT)
+            steps_left = self.max_delta_steps - self._delta_steps
+            result, steps = apply_delta(entry.base.content, content, MAX_KEPT_OBJECT, steps_left)
         except DeltaTooLarge:
             return  # a commit over MAX_KEPT_OBJECT made from a delta: unseen, so never taken as proof
+        except DeltaTooLong:
+            raise PackTooCostly(f"its deltas take more than {self.max_delta_steps} instructions to apply") from None
         except DeltaError as error:
             raise MalformedPack(f"a delta that cannot be applied: {error}") from None
+        self._delta_steps += steps
+        self._spend_inflated(len(result))
         header = _TYPE_NAMES[entry.base.type] + b" %d\0" % len(result)
         object_id = hashlib.sha1(header + result, usedforsecurity=False).hexdigest()
         self._record(entry.start, entry.base.type, object_id, result, whole=True)
+
+    def _spend_inflated(self, size: int) -> None:
+        self._inflated += size
+        if self._inflated > self.max_inflated:
+            raise PackTooCostly(f"it inflates to more than {self.max_inflated >> 20} MiB")
 
     def _record(self, start: int, kind: int, object_id: str, content: bytes, *, whole: bool) -> None:
         if kind == COMMIT:

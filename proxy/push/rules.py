@@ -10,7 +10,8 @@ from ..config.push import PushPolicyConfig
 from .patterns import Matcher, PatternError, RefPattern, any_choice_intersects
 from .refnames import ref_name_problem
 
-_BOUND_CACHE = 1024  # bound policies kept per policy: one per client name seen
+_BOUND_CACHE = 1024
+_GLOBSTAR_ONLY = "**"  # bound policies kept per policy: one per client name seen
 
 
 def describe(config: PushPolicyConfig) -> str:
@@ -47,6 +48,11 @@ class BoundPolicy:
 
     def allows_ref(self, ref: str) -> bool:
         return any(matcher.matches(ref) for matcher in self.matchers)
+
+    @property
+    def allows_every_ref(self) -> bool:
+        """A pattern that matches every ref name (`**`, `refs/**`)."""
+        return any(text in (_GLOBSTAR_ONLY, "refs/**") for text in self.shown)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,11 @@ def may_push_any(policies: Sequence[BoundPolicy]) -> bool:
 @functools.lru_cache(maxsize=_BOUND_CACHE)
 def _some_ref_passes_all(policies: tuple[BoundPolicy, ...]) -> bool:
     return any_choice_intersects([policy.matchers for policy in policies])
+
+
+def allows_every_ref(policies: Sequence[BoundPolicy]) -> bool:
+    """Every policy allows every ref: a lock that names no ref (it holds on all of them) is within them."""
+    return all(policy.allows_every_ref for policy in policies)
 
 
 def lock_ref_allowed(ref_name: str, policies: Sequence[BoundPolicy]) -> bool:

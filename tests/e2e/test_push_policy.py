@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import subprocess
 from typing import Any
@@ -123,9 +124,11 @@ async def test_a_delete_needs_delete_and_a_force_needs_force(
 
 
 async def test_fast_forwards_and_rewinds_to_commits_upstream_has_are_decided_right(
-    fake_github: FakeGitHub, sandbox: Sandbox
+    fake_github: FakeGitHub, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Empty packs: the ancestry is upstream's, asked of GitHub's compare API with the entry's token."""
+    """Empty packs: the ancestry is upstream's, asked of GitHub's compare API with the entry's token (which the
+    audit line of a refused push names too: it was used)."""
+    caplog.set_level(logging.INFO, "git_token_proxy.audit")
     first = await sandbox.commit("one.txt")
     second = await sandbox.commit("two.txt")
     assert (
@@ -136,6 +139,8 @@ async def test_fast_forwards_and_rewinds_to_commits_upstream_has_are_decided_rig
     assert len(fake_github.apps.statuses("compare")) >= 1
     rewind = await sandbox.push("--force", f"{first}:refs/heads/agent/run-42/b")  # backwards: a force
     assert rewind.returncode != 0 and "[remote rejected]" in rewind.stdout + rewind.stderr
+    refused = [json.loads(r.getMessage()) for r in caplog.records if '"refused:force"' in r.getMessage()]
+    assert refused and refused[-1]["token"] in ("minted", "cached") and refused[-1]["token_sha256"]
 
 
 async def test_force_with_lease_on_a_fast_forward_and_push_options_and_atomic(
@@ -194,8 +199,9 @@ ALLOWED = b"refs/heads/agent/run-42/x"
                   + pkt(b"%s %s refs/heads/main\n" % (OLD.encode(), NEW.encode())) + b"0000", id="hidden-second")],
 )  # fmt: skip
 async def test_hand_built_bodies_are_refused_with_nothing_upstream(
-    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, body: bytes
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy, body: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "git_token_proxy.audit")
     proxy = await start_proxy(policy_config(fake_github, acme_app))
     before = receive_packs(fake_github)
     headers = {"Authorization": "Basic eDp0b2tlbi1vZi1ydW4tNDItMDAwMQ==",  # x:token-of-run-42-0001
@@ -206,6 +212,8 @@ async def test_hand_built_bodies_are_refused_with_nothing_upstream(
     assert status in (200, 400, 403), answer
     assert b"ok refs/" not in answer and b"unpack ok\nok" not in answer
     assert receive_packs(fake_github) == before
+    audit = [json.loads(r.getMessage()) for r in caplog.records if '"service":"receive-pack"' in r.getMessage()]
+    assert audit[-1]["bytes_in"] == len(body)  # what was read for the check and drained after, all of it
 
 
 async def test_a_compressed_receive_pack_body_under_a_policy_is_refused(
@@ -242,6 +250,13 @@ def lfs_requests(fake: FakeGitHub) -> list[str]:
      ("info/lfs/locks/1/unlock", b'{"ref": {"name": "refs/heads/agent/run-77/x"}}', True),
      ("info/lfs/locks", b'{"path": "a.bin", "ref": {"name": "refs/heads/main", "NAME": "refs/heads/agent/run-42/x"}}',
       True),
+     # A lock or unlock that names no ref holds on every branch: outside a policy that allows only some.
+     ("info/lfs/locks", b'{"path": "a.bin"}', True),
+     ("info/lfs/locks/1/unlock", b'{"force": true}', True),
+     ("info/lfs/locks/verify", b'{"limit": 100}', False),
+     # Keys a Go server reads as ref / name (it folds case): unreadable here, so refused.
+     ("info/lfs/locks", b'{"path": "a.bin", "Ref": {"name": "refs/heads/main"}}', True),
+     ("info/lfs/locks", b'{"path": "a.bin", "ref": {"Name": "refs/heads/main"}}', True),
      ("info/lfs/objects/batch", b'{"operation": "upload", "objects": []}', False),
      ("info/lfs/objects/batch", b'{"operation": "download", "objects": []}', False)],
 )  # fmt: skip
@@ -257,6 +272,19 @@ async def test_lfs_locks_on_refs_outside_the_policy_are_refused(
         assert lfs_requests(fake_github) == []
     else:
         assert status != 403 and lfs_requests(fake_github), answer
+
+
+async def test_lfs_locks_without_a_ref_pass_where_every_ref_may_be_pushed(
+    fake_github: FakeGitHub, acme_app: AcmeApp, start_proxy: StartProxy
+) -> None:
+    """A policy that allows every ref (only deletes are kept back) has nothing to hold a ref-less lock to."""
+    proxy = await start_proxy(policy_config(fake_github, acme_app, refs=["refs/**"]))
+    headers = {"Authorization": "Basic eDp0b2tlbi1vZi1ydW4tNDItMDAwMQ==",
+               "Content-Type": "application/vnd.git-lfs+json"}  # fmt: skip
+    status, _, answer = await raw_request(
+        proxy, "/github.com/acme/private.git/info/lfs/locks", "POST", headers, b'{"path": "a.bin"}'
+    )
+    assert status != 403 and lfs_requests(fake_github), answer
 
 
 async def test_lfs_uploads_need_a_ref_the_party_may_push(
