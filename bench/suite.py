@@ -5,6 +5,7 @@ Cases, all on 127.0.0.1 and bounded in time: a large clone over a plain-HTTP and
 inside each round, medians), CPU seconds per GiB of nginx and of the proxy (utime + stime from /proc/<pid>/stat,
 the same way for both), peak RSS (VmHWM), warm info/refs latency, concurrent clones, idle keep-alive connections
 and token look-ups. nginx is optional: without it its column says so. Progress goes to stderr, the table to stdout.
+With --snapshots, also a fresh replica with a warm snapshot bucket against direct (bench/snapshots.py, issue 23).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import clone, stream, token_lookup
+from bench import clone, snapshots, stream, token_lookup
 from bench.clone import REPO, TOKEN, Server, cpu_seconds, proc_status_mib, reset_peak_rss
 from bench.common import HOST, MIB, Stopwatch, cpus, in_scratch, log, percentile, print_report
 from proxy.testing import FakeGitHub, git_env
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS-upstream clones")
     parser.add_argument("--no-stream", action="store_true", help="skip the bare-upstream streaming case")
     parser.add_argument("--only-clone", action="store_true", help="only the big clones (for profiling runs)")
+    parser.add_argument("--snapshots", action="store_true", help="also a fresh replica with a warm snapshot bucket")
     parser.add_argument(
         "--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
         help="one more proxy column, the same proxy started with these extra environment variables (PYTHONPATH=a "
@@ -368,6 +370,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    "s": {path: statistics.median(v) for path, v in r.seconds.items()}}
             for mode, r in streamed.items()
         }  # fmt: skip
+    if args.snapshots:
+        settings = snapshots.parse_args(["--rounds", str(args.rounds), "--clone-timeout", str(args.clone_timeout)])
+        results["snapshots"] = snapshots.measure(repo, root, settings, workdir / "snapshots")
     if not args.only_clone:
         cold_ms, warm, static, _ = asyncio.run(token_lookup.figures(args.lookups))
         results["token_lookup"] = {"cold_ms": cold_ms, "warm_us": statistics.median(warm) / 1000,
@@ -424,6 +429,9 @@ def render(results: Mapping[str, Any], variants: bool = True) -> str:
         row(f"{args['idle']} idle keep-alive conns: RSS MiB before → after",
             {path: f"{v['rss_before_mib']:.1f} → {v['rss_after_mib']:.1f}"
              + (f" ({v['failed']} failed)" if v["failed"] else "") for path, v in results["idle"].items()})  # fmt: skip
+    if "snapshots" in results:
+        for name, values in snapshots.suite_rows(results["snapshots"]):
+            row(name, values)
     if "token_lookup" in results:
         lookup = results["token_lookup"]
         row(
@@ -433,7 +441,8 @@ def render(results: Mapping[str, Any], variants: bool = True) -> str:
     header = ["", *(LABELS.get(path, path) for path in paths)]
     lines = [
         f"Machine: {results['machine']}.",
-        f"`python -m bench{' --quick' if args['quick'] else ''}`: {args['rounds']} timed round(s) after one warm-up, "
+        f"`python -m bench{' --quick' if args['quick'] else ''}{' --snapshots' if args.get('snapshots') else ''}`: "
+        f"{args['rounds']} timed round(s) after one warm-up, "
         f"paths alternating, medians; CPU = utime+stime of the one nginx / proxy process from /proc/<pid>/stat "
         "over one clone, median clone.",
         "",

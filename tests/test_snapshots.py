@@ -1,6 +1,7 @@
-"""Snapshots' parts that need no mirror: the config, the key layout, the bundle header and manifest checks, and the
-object-store client against a real S3 server (SeaweedFS): bounded reads, conditional writes, the lock, and how the
-library's failures are named. Publishing and restoring are in test_snapshots_core.py."""
+"""Snapshots' parts that need no mirror: the config, the key layout, the bundle header and manifest checks, how the
+bucket's failures are logged, and the object-store client against a real S3 server (SeaweedFS): bounded reads,
+conditional writes, the lock, and how the library's failures are named. Publishing and restoring are in
+test_snapshots_core.py."""
 
 from __future__ import annotations
 
@@ -31,14 +32,16 @@ from proxy.mirror.objectstore import (
     StaticCredentials,
     StoreUnreachable,
 )
-from proxy.mirror.snapshots import (
+from proxy.mirror.snapshot_format import (
+    BundleHeaderReader,
     Manifest,
     Namespace,
     SnapshotRefused,
-    _HeaderReader,
     parse_bundle_header,
+    parse_manifest,
     refs_digest,
 )
+from proxy.mirror.snapshot_health import BucketHealth
 from proxy.mirror.store import MirrorStore
 from proxy.testing.s3 import ADMIN, NOBODY, READER, S3Identity, SeaweedS3
 
@@ -149,7 +152,7 @@ def test_a_namespace_owns_only_bundle_names_beside_it(object_key: str) -> None:
 def test_a_bundle_header_gives_its_refs_and_leaves_head_out() -> None:
     header = f"# v2 git bundle\n{A} HEAD\n{A} refs/heads/main\n{B} refs/pull/1/head".encode()
     assert parse_bundle_header(header) == [(A, "refs/heads/main"), (B, "refs/pull/1/head")]
-    reader = _HeaderReader()
+    reader = BundleHeaderReader()
     assert reader.feed(header[:20]) is None
     assert reader.feed(header[20:] + b"\n\nPACK\x00rest") == b"PACK\x00rest"
     assert reader.refs == [(A, "refs/heads/main"), (B, "refs/pull/1/head")]
@@ -174,7 +177,7 @@ def test_a_bundle_header_is_refused(header: bytes) -> None:
 
 
 def test_a_header_without_end_is_refused_once_over_its_bound() -> None:
-    reader = _HeaderReader()
+    reader = BundleHeaderReader()
     line = f"{A} refs/heads/{'x' * 200}\n".encode()
     with pytest.raises(SnapshotRefused):
         for _ in range(20 * (1 << 20) // len(line)):
@@ -199,6 +202,9 @@ def test_a_manifest_binds_only_to_its_own_namespace() -> None:
     assert not pointing_away.binds(ours)
     lying = Manifest.model_validate(manifest_for(ours, namespace=theirs.id))
     assert not lying.binds(ours)
+    assert parse_manifest(json.dumps(manifest_for(ours)).encode(), ours) is not None
+    assert parse_manifest(json.dumps(manifest_for(theirs)).encode(), ours) is None  # well formed, but not ours
+    assert parse_manifest(b'{"version": 1', ours) is None
 
 
 @pytest.mark.parametrize(
@@ -210,6 +216,29 @@ def test_a_malformed_manifest_does_not_parse(changes: dict[str, object]) -> None
     data = json.dumps(manifest_for(Namespace.of("", "github.com/acme/app"), **changes))
     with pytest.raises(ValidationError):
         Manifest.model_validate_json(data)
+
+
+# ---------------------------------------------------------------- the bucket's health
+
+
+def test_the_bucket_is_logged_once_per_kind_of_failure_and_the_breaker_only_when_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure's wording may change each time (a byte count, an address): only its kind counts as a change."""
+    caplog.set_level(logging.INFO, "git_token_proxy.snapshots")
+    health = BucketHealth("restores")
+    for free in (1000, 2000, 3000):
+        health.failed(OSError(f"{free} bytes free on the mirror's disk, too few for a 5000-byte snapshot"), False)
+    assert health.usable  # a full disk is no reason to keep off the bucket
+    health.failed(AccessDenied("AccessDenied (403)"), breaks=True)
+    health.failed(AccessDenied("AccessDenied (403), again"), breaks=True)
+    assert not health.usable
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2 and "1000 bytes free" in said[0] and "denied: AccessDenied (403)" in said[1]
+    health.succeeded("s3://bucket/prefix")
+    assert [r.getMessage() for r in caplog.records][-1] == "snapshot restores work again (s3://bucket/prefix)"
+    health.failed(AccessDenied("AccessDenied (403)"), breaks=False)
+    assert sum(1 for r in caplog.records if r.levelno >= logging.WARNING) == 3  # failing after working: a change
 
 
 # ---------------------------------------------------------------- the object store

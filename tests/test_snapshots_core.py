@@ -22,11 +22,13 @@ from prometheus_client import CollectorRegistry, Counter
 from proxy.config.mirror import SnapshotsConfig
 from proxy.credentials.redis_store import RedisStore
 from proxy.metrics import Metrics
-from proxy.mirror import snapshots as snapshots_module
+from proxy.mirror import snapshot_health, snapshot_publish
 from proxy.mirror.fill import MIRROR_REFSPEC
 from proxy.mirror.gitrun import MirrorGit
 from proxy.mirror.objectstore import ObjectStore, StaticCredentials
-from proxy.mirror.snapshots import Namespace, RestoredSnapshot, Snapshots
+from proxy.mirror.snapshot_format import MAX_MANIFEST, Namespace
+from proxy.mirror.snapshot_publish import PublishResult
+from proxy.mirror.snapshots import RestoredSnapshot, Snapshots
 from proxy.mirror.store import MirrorSlot, MirrorStore
 from proxy.testing import FakeGitHub, git_env
 from proxy.testing.redis import RedisServer
@@ -78,6 +80,9 @@ class Replica:
         assert done.returncode == 0, done.stderr
         await self.mirrors.install(incoming, slot)
         return slot
+
+    async def publish(self, slot: MirrorSlot) -> PublishResult:
+        return await self.snapshots.publisher.publish(slot)
 
     async def restore(self, key: str = KEY) -> tuple[RestoredSnapshot | None, Path]:
         await self.mirrors.prepare()
@@ -143,7 +148,7 @@ async def test_a_restored_mirror_is_upstreams_and_needs_only_the_delta(
 ) -> None:
     a, b = replicas("a"), replicas("b")
     slot = await a.fill(upstream)
-    assert await a.snapshots.publish(slot) == "published"
+    assert await a.publish(slot) == "published"
     assert a.metrics.snapshot_published_bytes._value.get() > 512 * 1024
 
     newer = fake_github.commit("acme/app", "third.txt", b"pushed after the snapshot\n")
@@ -176,20 +181,30 @@ async def test_publish_skips_what_is_there_and_old_bundles_go(
 ) -> None:  # fmt: skip
     a = replicas("a")
     slot = await a.fill(upstream)
-    assert await a.snapshots.publish(slot) == "published"
-    assert await a.snapshots.publish(slot) == "unchanged"  # the same refs
+    assert await a.publish(slot) == "published"
+    assert await a.publish(slot) == "unchanged"  # the same refs
     fake_github.commit("acme/app", "third.txt", b"new\n")
     await refresh(a, slot, upstream)
-    assert await a.snapshots.publish(slot) == "recent"  # another one less than publishEvery ago
+    assert await a.publish(slot) == "recent"  # another one less than publishEvery ago
 
     eager = replicas("eager", publish_every=0.001)
     eager_slot = await eager.fill(upstream)
-    monkeypatch.setattr(snapshots_module, "GARBAGE_AFTER", 0.0)
-    assert await eager.snapshots.publish(eager_slot) == "published"
-    bundles = [k for k in s3.keys(settings.bucket) if "/bundles/" in k]
-    assert len(bundles) == 1  # the first one, no longer referenced, is gone
+    monkeypatch.setattr(snapshot_publish, "GARBAGE_AFTER", 0.0)  # every unreferenced bundle is old enough
+    (first,) = bundles_in(s3, settings)
+    assert await eager.publish(eager_slot) == "published"
+    # The bundle the replaced manifest named stays: a restore that read that manifest a moment ago may be reading it.
+    assert len(bundles_in(s3, settings)) == 2 and first in bundles_in(s3, settings)
+    fake_github.commit("acme/app", "fourth.txt", b"newer\n")
+    await refresh(eager, eager_slot, upstream)
+    assert await eager.publish(eager_slot) == "published"
+    bundles = bundles_in(s3, settings)
+    assert len(bundles) == 2 and first not in bundles  # gone with the next publish, no longer referenced
     restored, _ = await replicas("b").restore()
     assert restored is not None and restored.tips == [fake_github.head("acme/app")]
+
+
+def bundles_in(s3: SeaweedS3, settings: SnapshotsConfig) -> list[str]:
+    return [key for key in s3.keys(settings.bucket) if "/bundles/" in key]
 
 
 async def refresh(replica: Replica, slot: MirrorSlot, url: str) -> None:
@@ -204,9 +219,9 @@ async def test_note_filled_publishes_once_in_the_background(
     slot = await a.fill(upstream)
     a.snapshots.note_filled(slot)
     a.snapshots.note_filled(slot)  # while the first runs
-    await a.snapshots.publishes_done()
+    await a.snapshots.publisher.publishes_done()
     a.snapshots.note_filled(slot)  # within publishEvery of the last attempt: nothing
-    assert not a.snapshots.publishing
+    assert not a.snapshots.publisher.publishing
     assert a.metrics.publishes("published") == 1 and sum(1 for k in s3.keys(settings.bucket) if "manifest" in k) == 1
 
 
@@ -214,7 +229,7 @@ async def test_a_replica_that_only_restores_never_publishes(replicas: Callable[.
     reader = replicas("reader", publish=False)
     slot = await reader.fill(upstream)
     reader.snapshots.note_filled(slot)
-    assert not reader.snapshots.publishing
+    assert not reader.snapshots.publisher.publishing
 
 
 # ---------------------------------------------------------------- one publisher at a time
@@ -225,7 +240,7 @@ async def test_two_publishers_at_once_leave_one_good_snapshot(
 ) -> None:
     a, a2 = replicas("a"), replicas("a2")
     slots = [await a.fill(upstream), await a2.fill(upstream)]
-    results = await asyncio.gather(a.snapshots.publish(slots[0]), a2.snapshots.publish(slots[1]))
+    results = await asyncio.gather(a.publish(slots[0]), a2.publish(slots[1]))
     assert sorted(results) in (["busy", "published"], ["published", "unchanged"])
     keys = s3.keys(settings.bucket)
     assert sum(1 for k in keys if k.endswith("manifest.json")) == 1
@@ -242,7 +257,7 @@ async def test_with_redis_one_replica_holds_the_lease(
         try:
             a, a2 = replicas("a", leases=stores[0]), replicas("a2", leases=stores[1])
             slots = [await a.fill(upstream), await a2.fill(upstream)]
-            results = await asyncio.gather(a.snapshots.publish(slots[0]), a2.snapshots.publish(slots[1]))
+            results = await asyncio.gather(a.publish(slots[0]), a2.publish(slots[1]))
             assert sorted(results) in (["busy", "published"], ["published", "unchanged"])
             assert not any(k.endswith(".lock") for k in s3.keys(settings.bucket))  # Redis held it, not the bucket
         finally:
@@ -257,9 +272,10 @@ async def test_a_manifest_replaced_meanwhile_is_never_overwritten(
     a, a2 = replicas("a"), replicas("a2")
     slot, slot2 = await a.fill(upstream), await a2.fill(upstream)
     namespace = a.snapshots.namespace(KEY)
-    assert await a.snapshots.publish(slot) == "published"
+    assert await a.publish(slot) == "published"
     winner = s3.read(settings.bucket, namespace.manifest_key)
-    assert await a2.snapshots._bundle_and_upload(slot2, namespace, etag='"what-it-read-earlier"') == "lost_race"
+    late = a2.snapshots.publisher
+    assert await late._bundle_and_upload(slot2, namespace, etag='"what-it-read-earlier"') == "lost_race"
     assert s3.read(settings.bucket, namespace.manifest_key) == winner
     assert sum(1 for k in s3.keys(settings.bucket) if "/bundles/" in k) == 1
 
@@ -274,7 +290,7 @@ async def test_two_base_url_paths_never_share_a_snapshot(
     team_a, team_b = MirrorStore.key_of("git.corp/team-a/acme/app"), MirrorStore.key_of("git.corp/team-b/acme/app")
     assert team_a is not None and team_b is not None
     a, b = replicas("a"), replicas("b")
-    assert await a.snapshots.publish(await a.fill(upstream, team_a)) == "published"
+    assert await a.publish(await a.fill(upstream, team_a)) == "published"
     restored, _ = await b.restore(team_b)
     assert restored is None and b.metrics.restores("missing") == 1
 
@@ -304,8 +320,9 @@ def rewrite_manifest(s3: SeaweedS3, bucket: str, namespace: Namespace, **changes
     return manifest
 
 
-BREAKAGES = ["corrupt", "truncated", "replaced_and_rehashed", "refs_not_the_manifests", "manifest_garbage",
-             "manifest_of_another_repo", "pointing_elsewhere", "too_large", "bundle_missing"]  # fmt: skip
+BREAKAGES = ["corrupt", "truncated", "longer", "replaced_and_rehashed", "refs_not_the_manifests", "manifest_garbage",
+             "manifest_oversized", "manifest_of_another_repo", "pointing_elsewhere", "too_large",
+             "bundle_missing"]  # fmt: skip
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
@@ -314,7 +331,7 @@ async def test_a_broken_snapshot_is_a_miss_logged_once(
     fake_github: FakeGitHub, caplog: pytest.LogCaptureFixture, breakage: str,
 ) -> None:  # fmt: skip
     a, b = replicas("a"), replicas("b", max_snapshot_size=8 << 20)
-    assert await a.snapshots.publish(await a.fill(upstream)) == "published"
+    assert await a.publish(await a.fill(upstream)) == "published"
     namespace, bucket = Namespace.of(PREFIX, KEY), settings.bucket
     object_key = json.loads(s3.read(bucket, namespace.manifest_key))["object_key"]
     bundle = s3.read(bucket, object_key)
@@ -322,6 +339,8 @@ async def test_a_broken_snapshot_is_a_miss_logged_once(
         s3.write(bucket, object_key, flip_a_byte(bundle))
     elif breakage == "truncated":
         s3.write(bucket, object_key, bundle[: len(bundle) // 2])
+    elif breakage == "longer":  # more bytes than the manifest says: the snapshot's fault, not the bucket's
+        s3.write(bucket, object_key, bundle + b"\0" * 1024)
     elif breakage == "replaced_and_rehashed":  # a pack git refuses, under a manifest that matches it
         broken = flip_a_byte(bundle)
         s3.write(bucket, object_key, broken)
@@ -330,6 +349,8 @@ async def test_a_broken_snapshot_is_a_miss_logged_once(
         rewrite_manifest(s3, bucket, namespace, refs_digest="0" * 64)
     elif breakage == "manifest_garbage":
         s3.write(bucket, namespace.manifest_key, b'{"version": 1, "repo_key": [[[[')
+    elif breakage == "manifest_oversized":
+        s3.write(bucket, namespace.manifest_key, b" " * (MAX_MANIFEST + 1))
     elif breakage == "manifest_of_another_repo":
         rewrite_manifest(s3, bucket, namespace, repo_key="github.com/acme/other")
     elif breakage == "pointing_elsewhere":
@@ -353,7 +374,7 @@ async def test_a_bundle_holding_more_than_its_refs_reach_restores_unclean(
     the mirror must then not count as clean: each want is checked against upstream's refs, as after a rewind."""
     a = replicas("a")
     slot = await a.fill(upstream)
-    assert await a.snapshots.publish(slot) == "published"
+    assert await a.publish(slot) == "published"
     namespace, bucket = Namespace.of(PREFIX, KEY), settings.bucket
     manifest = json.loads(s3.read(bucket, namespace.manifest_key))
     header = s3.read(bucket, manifest["object_key"]).split(b"\n\n", 1)[0] + b"\n\n"
@@ -377,14 +398,14 @@ async def test_a_denied_bucket_is_a_miss_logged_once(
     replicas: Callable[..., Replica], upstream: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = replicas("a")
-    assert await a.snapshots.publish(await a.fill(upstream)) == "published"
+    assert await a.publish(await a.fill(upstream)) == "published"
     denied = replicas("denied", identity=NOBODY)
     for _ in range(3):
         restored, incoming = await denied.restore()
         assert restored is None and not incoming.exists()
     assert denied.metrics.restores("failed") == 1 and denied.metrics.restores("skipped") == 2
     assert len(warnings(caplog)) == 1 and "denied" in warnings(caplog)[0]
-    assert await denied.snapshots.publish(await denied.fill(upstream)) == "failed"  # no write either
+    assert await denied.publish(await denied.fill(upstream)) == "failed"  # no write either
 
 
 async def test_a_stopped_server_is_a_miss_and_its_return_is_noticed(
@@ -394,9 +415,9 @@ async def test_a_stopped_server_is_a_miss_and_its_return_is_noticed(
         settings = SnapshotsConfig(url=f"s3://{s3.make_bucket('away-and-back')}/p", endpoint=s3.endpoint)
         a, b = Replica(tmp_path / "a", settings, ADMIN), Replica(tmp_path / "b", settings, ADMIN)
         try:
-            assert await a.snapshots.publish(await a.fill(upstream)) == "published"
+            assert await a.publish(await a.fill(upstream)) == "published"
             s3.stop()
-            monkeypatch.setattr(snapshots_module, "BREAK_FOR", 0.0)  # every restore probes the bucket
+            monkeypatch.setattr(snapshot_health, "BREAK_FOR", 0.0)  # every restore probes the bucket
             for _ in range(2):
                 restored, incoming = await b.restore()
                 assert restored is None and not incoming.exists()
