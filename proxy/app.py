@@ -60,6 +60,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("git_token_proxy.app")
 
 
+# Room for a signed identity (access/identities.MAX_TOKEN_CHARS, 8 KiB) as a Basic password, base64-encoded with a
+# username, and for one up to about 12 KiB, so that git shows the proxy's own reason for refusing it rather than the
+# parser's (which quotes a header's first 100 bytes). Bounded all the same: 100 headers of it per request.
+MAX_HEADER_FIELD = 16 * 1024
+
+
 # Server-side request parsing. auto_decompress=False: git gzips upload-pack requests over 1 KiB, and upstream
 # must receive those bytes with their Content-Encoding untouched; aiohttp would otherwise inflate them.
 def server_handler_args(config: Config) -> dict[str, object]:
@@ -67,7 +73,7 @@ def server_handler_args(config: Config) -> dict[str, object]:
         "auto_decompress": False,
         # Limits set on purpose rather than inherited: git's request lines and headers are short.
         "max_line_size": 8190,
-        "max_field_size": 8190,
+        "max_field_size": MAX_HEADER_FIELD,
         "max_headers": 100,
         # aiohttp arms this when a connection opens and again after each response, and closes a connection that
         # has not completed a request by then: the header-read timeout that stops slowloris clients.

@@ -14,7 +14,7 @@ from typing import IO
 from .files import read_regular_file
 
 HELPER_USERNAME = "x-token"  # any username will do: the proxy reads the password; this one says what it is
-TOKEN_FILE_LIMIT = 64 * 1024  # the proxy refuses tokens over 16 KiB anyway
+TOKEN_FILE_LIMIT = 64 * 1024  # the proxy refuses tokens over 8 KiB anyway
 
 
 class TokenFileProblem(Exception):

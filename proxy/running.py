@@ -109,8 +109,13 @@ class Proxy:
         previous = self.live.current.sources
         # Keys are files, and a file can be a FIFO or huge: they are read and parsed off the event loop, so that
         # /healthz and every transfer carry on while a reload builds.
-        verifier = self.identities.verifier_for(config)  # in the loop: a new issuer's keys start fetching
-        context = await asyncio.to_thread(self.rebuild, config, previous, verifier)
+        try:
+            verifier = self.identities.verifier_for(config)  # in the loop: a new issuer's keys start fetching
+            context = await asyncio.to_thread(self.rebuild, config, previous, verifier)
+        except BaseException:
+            # The running config stays, and so do only its issuers' keys: a new issuer's fetching stops with it.
+            await self.identities.retain(self.live.current.access.identities)
+            raise
         self._warn_about_restart_only_changes(config)
         kept = {k for k, s in context.sources.items() if previous.get(k) is s}
         self.live.current, self.config = context, config  # the swap: one assignment each, nothing awaited between

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,31 @@ async def test_access_rules_see_the_base_url_path_that_routing_matched() -> None
         access.authorize(client, team_b)
     own = router.resolve_route("GET", "/git.company.local/acme/app.git/info/refs", "service=git-upload-pack")
     access.authorize(client, own)
+
+
+async def test_a_reload_that_fails_stops_fetching_the_keys_of_the_issuer_it_would_have_added(
+    acme_app: AcmeApp, tmp_path: Path
+) -> None:
+    from proxy.testing.issuer import JwksMode, TestIssuer
+
+    async with TestIssuer() as issuer:
+        issuer.mode = JwksMode.HANGING  # the new issuer's first fetch is still in flight when the reload fails
+        app = await create_app(parse_config(app_config("http://127.0.0.1:1", acme_app)))
+        proxy = app[PROXY]
+        try:
+            broken_key = tmp_path / "other.pem"
+            broken_key.write_text("-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")
+            config = app_config("http://127.0.0.1:1", acme_app, privateKey=str(broken_key))
+            config["access"] = {"issuers": [{
+                "name": "orchestrator", "issuer": issuer.url, "audience": "git-token-proxy",
+                "jwksUrl": issuer.jwks_url, "repos": [r"github\.com/.*"],
+            }]}  # fmt: skip
+            with pytest.raises(ConfigError):
+                await proxy.reload(parse_config(config))
+            assert not proxy.live.current.access.enabled  # the running config stays
+            issuer.release_hanging()
+            await asyncio.sleep(0.2)
+            assert issuer.jwks_fetches <= 1  # a fetch cancelled in flight at most, and nothing fetches again
+            assert not any(task.get_name().startswith("jwks") for task in asyncio.all_tasks())
+        finally:
+            await proxy.close()

@@ -306,13 +306,57 @@ async def test_a_huge_or_malformed_jwks_is_refused_and_the_previous_keys_stay(
     assert ("over 1024 KiB" if mode is JwksMode.HUGE else "not valid JSON") in caplog.text
 
 
+async def test_a_jwks_that_lists_no_usable_key_withdraws_every_key(
+    issuer: TestIssuer, registry: KeyRegistry, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = build_verifier([config(issuer)], (), registry)
+    await verifier.verify(issuer.mint())
+    for key in list(issuer.keys):  # the issuer retires every key: its JWKS answers {"keys": []}
+        issuer.retire(key.kid)
+    clock.now += 61
+    await refused(verifier, issuer.mint(headers={"kid": "unknown"}))  # a refetch
+    reason = await refused(verifier, issuer.mint())  # signed by a key the issuer no longer lists
+    assert reason.startswith("issuer 'orchestrator' has no usable signing key (its JWKS lists no usable key")
+    assert "2 keys withdrawn" in caplog.text
+    issuer.rotate("ES256", "k-new")  # and a key listed again is used again
+    clock.now += 61
+    assert (await verifier.verify(issuer.mint(kid="k-new"))).subject == "sandbox-1"
+
+
+async def test_a_jwks_with_only_keys_of_other_algorithms_withdraws_them_too(
+    issuer: TestIssuer, registry: KeyRegistry, clock: Clock
+) -> None:
+    verifier = build_verifier([config(issuer, algorithms=["ES256"])], (), registry)
+    await verifier.verify(issuer.mint())
+    for key in list(issuer.keys):
+        if key.algorithm == "ES256":
+            issuer.retire(key.kid)
+    clock.now += 61
+    await refused(verifier, issuer.mint(headers={"kid": "unknown"}))
+    assert "lists no usable key" in await refused(verifier, issuer.mint())
+
+
+async def test_a_reload_dropping_a_source_mid_fetch_refuses_its_waiters_instead_of_cancelling_them(
+    issuer: TestIssuer, registry: KeyRegistry
+) -> None:
+    issuer.mode = JwksMode.HANGING
+    verifier = build_verifier([config(issuer)], (), registry)
+    waiting = asyncio.create_task(verifier.verify(issuer.mint()))
+    async with asyncio.timeout(10):
+        await issuer.jwks_fetched(1)
+    await registry.retain(())  # the new config no longer names this issuer: its fetch is cancelled
+    with pytest.raises(TokenRefused, match="has no usable signing key"):
+        await waiting
+    assert not waiting.cancelled()
+
+
 async def test_a_jwks_that_never_answered_refuses_tokens_with_a_reason(
     issuer: TestIssuer, registry: KeyRegistry
 ) -> None:
     issuer.mode = JwksMode.FAILING
     verifier = build_verifier([config(issuer)], (), registry)
     reason = await refused(verifier, issuer.mint())
-    assert reason.startswith("issuer 'orchestrator' has no signing keys yet (its JWKS could not be fetched: JWKS at")
+    assert reason.startswith("issuer 'orchestrator' has no usable signing key (its JWKS could not be fetched: JWKS at")
     assert "answered HTTP 503" in reason
 
 

@@ -30,6 +30,10 @@ class AccessControl:
     def enabled(self) -> bool:
         return bool(self._static) or self._identities is not None
 
+    @property
+    def identities(self) -> IdentityVerifier | None:
+        return self._identities
+
     async def authenticate(self, authorization: str | None) -> Client | None:
         """Runs before routing, so that without a credential nobody learns which hosts or repos the proxy serves.
         A static token is a dictionary of digests; a JWT is verified once and then remembered (see identities)."""

@@ -44,7 +44,9 @@ def compile_claim_pattern(pattern: str) -> LinearPattern:
 
 # ---------------------------------------------------------------- limits and names
 
-MAX_TOKEN_CHARS = 16 * 1024  # projected service-account and Actions tokens are 1-2 KiB; checked before any parsing
+# Projected service-account and Actions tokens are 1-2 KiB; checked before any parsing. As a Basic password it
+# must also fit the server's header limit (app.MAX_HEADER_FIELD), with room for a username.
+MAX_TOKEN_CHARS = 8 * 1024
 LEEWAY = 60.0  # seconds of clock skew allowed on exp, nbf and iat
 # A client name feeds `{client}` in push patterns, the audit and log lines: plain characters only. ':' is in for
 # Kubernetes subjects (system:serviceaccount:ns:name), '/' for Actions' `{repository}` (owner/repo).
@@ -169,7 +171,7 @@ class IdentityVerifier:
         if remembered is not None:
             identity, verified_at = remembered
             # Expiry as PyJWT judges it. Re-verified after a while all the same: a key the issuer has since
-            # withdrawn from its JWKS stops working within about a refetch interval.
+            # withdrawn from its JWKS stops working within REVERIFY_AFTER plus the JWKS refresh interval.
             if now - verified_at < REVERIFY_AFTER and identity.expires_at > now - LEEWAY:
                 return identity
             del self._verified[digest]
@@ -256,7 +258,7 @@ async def _signing_key(issuer: _Issuer, header: Mapping[str, Any]) -> PyJWK:
     if key is None:
         problem = issuer.keys.problem
         if problem is not None:
-            raise TokenRefused(f"issuer {issuer.config.name!r} has no signing keys yet ({problem})")
+            raise TokenRefused(f"issuer {issuer.config.name!r} has no usable signing key ({problem})")
         if kid is None:
             raise TokenRefused(f"token has no 'kid' and issuer {issuer.config.name!r} has several keys")
         raise TokenRefused(f"unknown signing key (kid {_shown(kid)})")

@@ -29,7 +29,9 @@ MAX_KEYS = 100  # issuers publish 1-5 keys; parsing an RSA key costs tens of µs
 MIN_RSA_BITS = 2048
 FETCH_TIMEOUT = 5.0  # each of discovery and JWKS, whole (connect, headers and body)
 REFETCH_INTERVAL = 60.0  # an unknown kid refetches at most this often per issuer: a burst of made-up kids is one fetch
-REFRESH_INTERVAL = 600.0  # a background refresh, so rotation is seen even before a token with a new kid arrives
+# A background refresh: a key the issuer adds is seen before a token with its kid arrives, and a key it withdraws
+# stops verifying within about this long (plus a remembered token's REVERIFY_AFTER). One small GET a minute.
+REFRESH_INTERVAL = 60.0
 _READ_CHUNK = 64 * 1024
 
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -42,6 +44,10 @@ _SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 class JwksRefused(Exception):
     """A JWKS (or discovery document) that cannot be used; the message is one line, without key material."""
+
+
+class NoUsableKey(JwksRefused):
+    """A well-formed JWKS that lists no key we may use: the issuer's word that none is valid now, not a fault."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def parse_key_set(data: bytes, algorithms: Collection[str]) -> KeySet:
             keys.append(key)
     if not keys:
         reasons = "; ".join(skipped[:3]) or "the list is empty"
-        raise JwksRefused(f"JWKS has no usable key for {', '.join(algorithms)} ({reasons})")
+        raise NoUsableKey(f"JWKS has no usable key for {', '.join(algorithms)} ({reasons})")
     return KeySet(tuple(keys), tuple(skipped))
 
 
@@ -196,7 +202,8 @@ class StaticKeys:
 class RemoteKeys:
     """Keys from a JWKS URL, or from the one discovery names. Fetched in the background at start and every
     `refresh_interval`; on an unknown kid at most once per `refetch_interval` (single-flight: concurrent callers
-    share the fetch in flight). A failed fetch keeps the keys there were."""
+    share the fetch in flight). A failed fetch keeps the keys there were; a JWKS that answers with no usable key
+    withdraws them all, as an issuer retiring its last key means it."""
 
     def __init__(
         self, config: IssuerConfig, session: aiohttp.ClientSession, *,
@@ -251,8 +258,10 @@ class RemoteKeys:
                 return
             self._start_fetch()
         assert self._in_flight is not None
-        # Shielded: a client that disconnects while waiting must not cancel the fetch the others are waiting for.
-        await asyncio.shield(self._in_flight)
+        # asyncio.wait, not shield: a client that disconnects while waiting must not cancel the fetch the others
+        # share, and a fetch cancelled under them (a reload closing this source) is not their cancellation: they go
+        # on and are refused for want of a key.
+        await asyncio.wait([self._in_flight])
 
     def _start_fetch(self) -> None:
         self._last_attempt = self._clock()
@@ -269,7 +278,7 @@ class RemoteKeys:
             if self._in_flight is None:
                 self._start_fetch()
             assert self._in_flight is not None
-            await asyncio.shield(self._in_flight)
+            await asyncio.wait([self._in_flight])
             await asyncio.sleep(self._refresh_interval)
 
     async def _fetch(self) -> None:
@@ -278,6 +287,9 @@ class RemoteKeys:
         try:
             url = self._jwks_url or await self._discover()
             keys = parse_key_set(await self._get(url, "JWKS"), self._algorithms)
+        except NoUsableKey as error:
+            self._withdraw_all(error)
+            return
         except JwksRefused as error:
             self._problem = f"its JWKS could not be fetched: {error}"
             kept = f"keeping the {len(self._keys.keys)} keys fetched before" if self._keys else "no keys yet"
@@ -288,6 +300,14 @@ class RemoteKeys:
             return
         self._log_change(keys, url)
         self._keys = keys
+
+    def _withdraw_all(self, error: NoUsableKey) -> None:
+        had = len(self._keys.keys) if self._keys else 0
+        self._keys = None
+        self._problem = f"its JWKS lists no usable key: {error}"
+        log.warning(
+            "issuer %r: %s; %d keys withdrawn, its tokens are refused until it lists one", self.name, error, had
+        )
 
     def _log_change(self, keys: KeySet, url: str) -> None:
         before = {key.kid for key in self._keys.keys} if self._keys else None

@@ -122,3 +122,25 @@ async def test_a_revoked_token_is_refused_after_a_reload_and_a_rotated_file_is_u
     assert refused.returncode != 0 and "token 'leaked-1' is revoked" in refused.stderr
     sandbox.hold(issuer.mint("run-1"))  # the orchestrator writes a new token: the next git call uses it
     assert (await git("ls-remote", "https://github.com/acme/private", check=False)).returncode == 0
+
+
+def padded_token(issuer: TestIssuer, length: int) -> str:
+    """A token of about `length` characters (an issuer that puts many groups in its claims)."""
+    bare = issuer.mint()
+    token = issuer.mint(extra_claims={"groups": "g" * ((length - len(bare) - 16) * 3 // 4)})  # 16: `,"groups":""`
+    assert length - 16 <= len(token) <= length
+    return token
+
+
+async def test_a_token_near_the_limit_is_taken_as_a_basic_password_and_a_larger_one_is_refused_in_words(
+    fake_github: FakeGitHub, acme_app: AcmeApp, issuer: TestIssuer, start_proxy: StartProxy, git: Git,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    proxy = await start_proxy(identity_config(fake_github, acme_app, issuer))
+    sandbox = Sandbox(git, proxy, tmp_path / "token")
+    sandbox.hold(padded_token(issuer, 8 * 1024 - 32))  # the credential helper sends it with a username
+    assert (await git("ls-remote", "https://github.com/acme/private", check=False)).returncode == 0
+    sandbox.hold(padded_token(issuer, 12 * 1024 - 256))
+    refused = await git("ls-remote", "https://github.com/acme/private", check=False)
+    assert refused.returncode != 0 and "remote: token is 11 KiB, over the 8 KiB limit" in refused.stderr
+    assert not any(marker in refused.stderr for marker in PROMPT_MARKERS)
