@@ -32,12 +32,24 @@ LABELS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mib", type=int, default=48, help="total size of the random blobs (default 48)")
+    return parse_throttled_clone_args(__doc__, argv, size_mib=48, clone_timeout=600.0, fresh="mirror")
+
+
+def parse_throttled_clone_args(
+    description: str | None, argv: list[str] | None, *, size_mib: int, clone_timeout: float, fresh: str
+) -> argparse.Namespace:
+    """The arguments of a benchmark that clones a repo of random blobs from a throttled fake GitHub (this one and
+    bench/snapshots.py): `fresh` is what each round starts without."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--size-mib", type=int, default=size_mib, help=f"total size of the random blobs (default {size_mib})"
+    )
     parser.add_argument("--file-mib", type=int, default=2, help="size of each blob (default 2)")
     parser.add_argument("--rate-mib", type=float, default=16.0, help="the fake GitHub's git rate in MiB/s (default 16)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each with a fresh mirror (default 3)")
-    parser.add_argument("--clone-timeout", type=float, default=600.0, help="seconds before one clone is abandoned")
+    parser.add_argument("--rounds", type=int, default=3, help=f"rounds, each with a fresh {fresh} (default 3)")
+    parser.add_argument(
+        "--clone-timeout", type=float, default=clone_timeout, help="seconds before one clone is abandoned"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.file_mib < 1 or args.rounds < 1 or args.rate_mib <= 0:

@@ -39,7 +39,7 @@ from bench.clone import (
     wait_until_answering,
 )
 from bench.common import HOST, MIB, Stopwatch, cpus, in_scratch, log, print_report
-from bench.mirror import Clone, ThrottledGitHub, throttled_github, timed_clone
+from bench.mirror import Clone, ThrottledGitHub, parse_throttled_clone_args, throttled_github, timed_clone
 from proxy.config import MirrorConfig
 from proxy.config.mirror import SnapshotsConfig
 from proxy.metrics import Metrics
@@ -56,17 +56,7 @@ PUBLISH_WAIT = 600.0  # seconds for the first replica's background publish
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mib", type=int, default=200, help="total size of the random blobs (default 200)")
-    parser.add_argument("--file-mib", type=int, default=2, help="size of each blob (default 2)")
-    parser.add_argument("--rate-mib", type=float, default=16.0, help="the fake GitHub's git rate in MiB/s (default 16)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each with a fresh replica (default 3)")
-    parser.add_argument("--clone-timeout", type=float, default=900.0, help="seconds before one clone is abandoned")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.file_mib < 1 or args.rounds < 1 or args.rate_mib <= 0:
-        parser.error("sizes, --rate-mib and --rounds must be positive")
-    return args
+    return parse_throttled_clone_args(__doc__, argv, size_mib=200, clone_timeout=900.0, fresh="replica")
 
 
 # ---------------------------------------------------------------- a replica with snapshots
