@@ -28,6 +28,10 @@ MIRROR_REFSPEC = "+refs/*:refs/*"
 CHECK_PAUSE_SECONDS = 600.0
 
 REFILL_PAUSE = 5.0  # after a sync that lacked wanted objects, requests lacking objects go upstream this long
+# After upstream failed the fetch behind a restored snapshot, the repo's next first fills start from nothing for this
+# long: an upstream that fails (or throttles packs) costs one snapshot download and index-pack per pause, not one per
+# request. Filling from nothing is what a replica without snapshots does.
+RESTORE_PAUSE = 300.0
 
 T = TypeVar("T")
 
@@ -55,6 +59,7 @@ class MirrorFiller:
         self._on_unclean = on_unclean
         self._flights: dict[str, _Flight] = {}
         self._short_at: BoundedDict[str, float] = BoundedDict(10_000)  # mirror key -> when a sync came up short
+        self._wasted_restore_at: BoundedDict[str, float] = BoundedDict(10_000)  # -> when a fetch failed behind one
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._passed_check_at: dict[str, float] = {}
 
@@ -112,12 +117,15 @@ class MirrorFiller:
         without: no mirror is installed unless upstream answered that fetch."""
         incoming = await self._store.incoming_path(slot)
         try:
-            restored = await self._snapshots.restore(slot.key, incoming) if self._snapshots is not None else None
+            snapshots = self._snapshots if self._may_restore(slot) else None
+            restored = await snapshots.restore(slot.key, incoming) if snapshots is not None else None
             done = await self._git.init_bare(incoming) if restored is None else None
             if done is None or done.returncode == 0:
                 done = await self._git.fetch(incoming, url, [MIRROR_REFSPEC], authorization, prune=True)
             if done.returncode != 0:
                 log.warning("mirror of %s: first fetch from %s failed (%s)", slot.key, url, describe_failure(done))
+                if restored is not None:
+                    self._wasted_restore_at[slot.key] = time.monotonic()
                 return False
             clean = await self._is_clean_after(incoming, restored)
             if clean:
@@ -129,6 +137,10 @@ class MirrorFiller:
             return True
         finally:
             await self._store.discard(incoming)  # nothing left once installed
+
+    def _may_restore(self, slot: MirrorSlot) -> bool:
+        wasted_at = self._wasted_restore_at.get(slot.key)
+        return wasted_at is None or time.monotonic() - wasted_at >= RESTORE_PAUSE
 
     async def _is_clean_after(self, incoming: Path, restored: RestoredSnapshot | None) -> bool:
         """A fresh fetch holds only what the refs reach. So does a restored snapshot if its pack held only what its

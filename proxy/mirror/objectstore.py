@@ -129,6 +129,8 @@ class ObjectStore:
         from aiobotocore.config import AioConfig
         from aiobotocore.session import AioSession
 
+        from .s3_http import NoRedirectSession
+
         for name in _TALKATIVE_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         session = AioSession()
@@ -153,6 +155,7 @@ class ObjectStore:
             read_timeout=READ_TIMEOUT,
             retries={"mode": "standard", "max_attempts": ATTEMPTS},
             user_agent_extra="git-token-proxy",
+            http_session_cls=NoRedirectSession,  # a redirect would take the session token to another host
         )  # fmt: skip
         return session, config
 
@@ -339,8 +342,13 @@ def translate(error: Exception) -> ObjectStoreError:
         TokenRetrievalError,
     )
 
+    from .s3_http import StoreRedirected
+
     if isinstance(error, ClientError):
         return _from_answer(error)
+    inner = getattr(error, "kwargs", {}).get("error")  # what botocore's HTTPClientError wraps
+    if isinstance(inner, StoreRedirected):
+        return ObjectStoreError(str(inner))
     if isinstance(error, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError | TokenRetrievalError):
         return AccessDenied(f"no usable AWS credentials ({type(error).__name__})")
     if isinstance(error, ConnectTimeoutError | ReadTimeoutError | TimeoutError):

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..bounded import BoundedDict
 from ..config.mirror import SnapshotsConfig
-from ..subprocesses import reap
 from .gitrun import MirrorGit, describe_failure
 from .objectstore import ObjectInfo, ObjectMissing, ObjectStore, ObjectStoreError, ObjectTooLarge
 from .snapshot_disk import ensure_room, object_counts
@@ -39,10 +36,8 @@ from .snapshot_format import (
 )
 from .snapshot_health import BucketHealth, SnapshotMetrics
 from .snapshot_publish import FleetLeases, SnapshotPublisher
+from .snapshot_unpack import IndexPack, Progress
 from .store import MirrorSlot, MirrorStore
-
-if TYPE_CHECKING:
-    from hashlib import _Hash as Hash
 
 # What the mirror imports from here; FleetLeases, which a Mirror hands in, is the publisher's.
 __all__ = ["FleetLeases", "RestoredSnapshot", "Snapshots"]
@@ -50,6 +45,9 @@ __all__ = ["FleetLeases", "RestoredSnapshot", "Snapshots"]
 log = logging.getLogger("git_token_proxy.snapshots")
 
 RestoreResult = Literal["restored", "missing", "refused", "failed", "skipped"]
+# A manifest is at most 64 KiB: a store that takes longer than this to send one is failing, whatever restoreTimeout
+# allows the bundle.
+MANIFEST_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -108,12 +106,13 @@ class Snapshots:
         nothing. Bounded by restoreTimeout, maxSnapshotSize, the mirror's maxSize and the free disk."""
         restored: RestoredSnapshot | None = None
         result: RestoreResult = "failed"
+        progress = Progress()
         try:
             if not self._health.usable:
                 result = "skipped"
             else:
                 async with asyncio.timeout(self.settings.restore_timeout):
-                    restored = await self._restore(self.namespace(key), incoming)
+                    restored = await self._restore(self.namespace(key), incoming, progress)
                 result = "restored"
                 self._health.succeeded(self.where)
                 self._metrics.snapshot_restored_bytes.inc(restored.size)
@@ -123,8 +122,19 @@ class Snapshots:
             result = "missing"
         except SnapshotRefused:
             result = "refused"
-        except (ObjectStoreError, TimeoutError, OSError) as error:
-            self._health.failed(error, breaks=not isinstance(error, OSError))
+        except TimeoutError as error:
+            if progress.waiting_on == "git" and progress.snapshot is not None:
+                # The snapshot's cost, not the bucket's pace (a pack that inflates a thousandfold): that snapshot
+                # is not tried again, and the bucket stays in use for every other repo.
+                self._refuse(key, progress.snapshot, f"git took longer than restoreTimeout "
+                             f"({self.settings.restore_timeout:g} s) to check it")  # fmt: skip
+                result = "refused"
+            else:
+                self._health.failed(error, breaks=True)  # a slow bucket: the next restores skip it for a while
+        except ObjectStoreError as error:
+            self._health.failed(error, breaks=True)
+        except OSError as error:  # the local disk or git's start: not the bucket's fault
+            self._health.failed(error, breaks=False)
         except Exception:  # a bug: the clone still goes on, from upstream
             log.exception("snapshot of %s: restore failed unexpectedly", key)
         finally:
@@ -133,9 +143,10 @@ class Snapshots:
         self._metrics.snapshot_restores.labels(result).inc()
         return restored
 
-    async def _restore(self, namespace: Namespace, incoming: Path) -> RestoredSnapshot:
+    async def _restore(self, namespace: Namespace, incoming: Path, progress: Progress) -> RestoredSnapshot:
         try:
-            data, _ = await self._store.read_small(namespace.manifest_key, MAX_MANIFEST)
+            async with asyncio.timeout(MANIFEST_TIMEOUT):
+                data, _ = await self._store.read_small(namespace.manifest_key, MAX_MANIFEST)
         except ObjectTooLarge:  # a snapshot's fault, not the bucket's: refused, and the breaker stays closed
             oversized = f"its manifest is over {MAX_MANIFEST} bytes"
             raise self._refuse(namespace.key, "an oversized manifest", oversized) from None
@@ -143,6 +154,7 @@ class Snapshots:
         if manifest is None:
             raise self._refuse(namespace.key, f"manifest {hashlib.sha256(data).hexdigest()}",
                                "its manifest is malformed, or names another repo or bundle")  # fmt: skip
+        progress.snapshot = manifest.sha256
         why = self._refused.get((namespace.key, manifest.sha256))
         if why is not None:
             raise SnapshotRefused(why)  # logged when it was first refused; not downloaded again
@@ -155,37 +167,43 @@ class Snapshots:
         if done.returncode != 0:
             raise OSError(f"git init failed ({describe_failure(done)})")
         try:
-            refs = await self._unpack(manifest, incoming)
+            refs = await self._unpack(manifest, incoming, progress)
         except SnapshotRefused as refused:
             raise self._refuse(namespace.key, manifest.sha256, str(refused)) from None
         if refs_digest(refs) != manifest.refs_digest:
             raise self._refuse(namespace.key, manifest.sha256, "its refs are not the ones its manifest names")
+        progress.on_git()
         return await self._install_refs(namespace.key, manifest, incoming, refs)
 
-    async def _unpack(self, manifest: Manifest, incoming: Path) -> list[tuple[str, str]]:
+    async def _unpack(self, manifest: Manifest, incoming: Path, progress: Progress) -> list[tuple[str, str]]:
         """Streams the bundle into `git index-pack --strict` as it arrives (no copy on disk, and the download and
         the indexing overlap), hashing it on the way. git checks every object (its id is the hash of what it
         holds) and that the pack is complete; the sha256 and size are then compared with the manifest's."""
         digest, header = hashlib.sha256(), BundleHeaderReader()
-        indexing: _IndexPack | None = None
+        indexing: IndexPack | None = None
         try:
             async with self._bundle(manifest) as (info, chunks):
                 if info.size != manifest.size:
                     raise SnapshotRefused(f"the bundle holds {info.size} bytes, its manifest says {manifest.size}")
                 async for chunk in chunks:
+                    progress.on_bucket(len(chunk))
                     if indexing is not None:
+                        progress.on_git()
                         fed = await indexing.feed(chunk, digest)
                     else:
                         digest.update(chunk)  # the header's chunks: one or a few
                         data = header.feed(chunk)
                         if data is None:
                             continue
-                        indexing = await _IndexPack.start(incoming, manifest.size, self._git.env())
+                        progress.on_git()
+                        indexing = await IndexPack.start(incoming, manifest.size, self._git.env())
                         fed = await indexing.feed(data)
+                    progress.back_to_bucket()
                     if not fed:
                         break  # index-pack gave up: its exit status says why
             if indexing is None or header.refs is None:
                 raise SnapshotRefused("the bundle ends inside its header")
+            progress.on_git()
             said = await indexing.finish()
             if said is not None:
                 raise SnapshotRefused(f"git index-pack refused it ({said})")
@@ -230,77 +248,3 @@ class Snapshots:
                         key, self.where, why)  # fmt: skip
             self._refused[(key, snapshot)] = why
         return SnapshotRefused(why)
-
-
-async def _tail(stream: asyncio.StreamReader, keep: int = 4096) -> bytes:
-    """What a child printed, all read (so that it never blocks on a full pipe), the last `keep` bytes kept."""
-    kept = b""
-    while chunk := await stream.read(65536):
-        kept = (kept + chunk)[-keep:]
-    return kept
-
-
-class _IndexPack:
-    """`git index-pack --stdin --strict` into a mirror, fed through a pipe of our own written from a thread: an
-    asyncio pipe would be woken each time index-pack takes its next 4 KiB (tens of thousands of loop turns, about
-    a second of CPU per 200 MiB); a blocking write of a whole chunk costs one thread hop."""
-
-    def __init__(self, process: asyncio.subprocess.Process, pipe: int) -> None:
-        assert process.stderr is not None
-        self._process = process
-        self._pipe: int | None = pipe
-        self._errors = asyncio.ensure_future(_tail(process.stderr))
-
-    @classmethod
-    async def start(cls, mirror: Path, size: int, env: dict[str, str]) -> _IndexPack:
-        # --strict: every object is checked (fsck) and so is every link: a pack missing an object is refused.
-        argv = ["git", f"--git-dir={mirror}", "index-pack", "--stdin", "--strict", f"--max-input-size={size}"]
-        reading, writing = os.pipe()
-        with contextlib.suppress(OSError, AttributeError):  # a larger pipe: fewer switches; not everywhere
-            fcntl.fcntl(writing, fcntl.F_SETPIPE_SZ, 1 << 20)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=reading, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own group, killed as one by `reap` (as proxy.subprocesses does)
-            )  # fmt: skip
-        except BaseException:
-            os.close(writing)
-            raise
-        finally:
-            os.close(reading)
-        return cls(process, writing)
-
-    async def feed(self, data: bytes, digest: Hash | None = None) -> bool:
-        """Hashed into `digest` and written, in a thread; False once index-pack no longer reads (it exited)."""
-        assert self._pipe is not None
-        try:
-            await asyncio.to_thread(_hash_and_write, digest, self._pipe, data)
-        except BrokenPipeError:
-            return False
-        return True
-
-    async def finish(self) -> str | None:
-        """End of input; None if index-pack accepted the pack, else its last words."""
-        self._close_pipe()
-        if await self._process.wait() == 0:
-            return None
-        said = (await self._errors).decode(errors="replace").strip().splitlines()
-        return said[-1][:200] if said else "no message"
-
-    async def close(self) -> None:
-        self._close_pipe()
-        await reap(self._process)
-        self._errors.cancel()
-
-    def _close_pipe(self) -> None:
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-
-
-def _hash_and_write(digest: Hash | None, pipe: int, data: bytes) -> None:
-    if digest is not None:
-        digest.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(pipe, view) :]
