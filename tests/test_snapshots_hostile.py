@@ -223,3 +223,22 @@ async def test_an_upstream_failing_behind_a_restore_costs_one_restore_per_pause(
     finally:
         await publisher.snapshots.close()
         await replica.snapshots.close()
+
+
+async def test_a_pack_whose_index_would_not_fit_is_refused_before_git_reads_it(
+    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = s3.make_bucket("many-objects")
+    bundle, refs = inflating_bundle(1 << 20)
+    pack_at = bundle.index(b"PACK")
+    claimed = bundle[: pack_at + 8] + (100_000_000).to_bytes(4, "big") + bundle[pack_at + 12 :]
+    publish_by_hand(s3, bucket, "p", claimed, refs)  # 100 million objects: a 3 GiB index for a 1 KiB pack
+    replica = Replica(tmp_path / "r", SnapshotsConfig(url=f"s3://{bucket}/p", endpoint=s3.endpoint,
+                                                      maxSnapshotSize="1GiB"), ADMIN)  # fmt: skip
+    try:
+        restored, incoming = await replica.restore()
+    finally:
+        await replica.snapshots.close()
+    assert restored is None and not incoming.exists()
+    assert replica.metrics.restores("refused") == 1
+    assert "its pack and index would take 3200" in warnings(caplog)[0]

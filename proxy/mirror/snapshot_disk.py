@@ -10,6 +10,17 @@ from pathlib import Path
 from .gitrun import MirrorGit
 
 DISK_MARGIN = 64 * (1 << 20)  # left free beside a restore or a bundle: the mirrors' own fetches need room too
+# A pack's index (v2) takes 28 bytes per object (id, CRC, offset) plus its reverse index's 4: a pack of many small
+# objects has an index larger than itself (400,000 tiny blobs: a 6 MiB pack, an 11 MiB index).
+INDEX_BYTES_PER_OBJECT = 32
+
+
+def restored_size(pack_size: int, pack_start: bytes) -> int | None:
+    """What a restored pack takes on disk with its index, from the object count in its header (the 12 bytes that
+    open every pack); None before those bytes are known."""
+    if len(pack_start) < 12 or pack_start[:4] != b"PACK":
+        return None
+    return pack_size + INDEX_BYTES_PER_OBJECT * int.from_bytes(pack_start[8:12], "big")
 
 
 async def ensure_room(directory: Path, needed: int, what: str) -> None:

@@ -24,7 +24,7 @@ from ..bounded import BoundedDict
 from ..config.mirror import SnapshotsConfig
 from .gitrun import MirrorGit, describe_failure
 from .objectstore import ObjectInfo, ObjectMissing, ObjectStore, ObjectStoreError, ObjectTooLarge
-from .snapshot_disk import ensure_room, object_counts
+from .snapshot_disk import ensure_room, object_counts, restored_size
 from .snapshot_format import (
     MAX_MANIFEST,
     BundleHeaderReader,
@@ -195,6 +195,7 @@ class Snapshots:
                         data = header.feed(chunk)
                         if data is None:
                             continue
+                        await self._ensure_room_for_index(incoming, manifest, data)
                         progress.on_git()
                         indexing = await IndexPack.start(incoming, manifest.size, self._git.env())
                         fed = await indexing.feed(data)
@@ -213,6 +214,15 @@ class Snapshots:
         finally:
             if indexing is not None:
                 await indexing.close()
+
+    async def _ensure_room_for_index(self, incoming: Path, manifest: Manifest, pack_start: bytes) -> None:
+        """Once the pack's object count is known: its index counts against maxSize and the free disk too."""
+        needed = restored_size(manifest.size, pack_start)
+        if needed is None:
+            return
+        if needed > self._max_size:
+            raise SnapshotRefused(f"its pack and index would take {needed} bytes, over the {self._max_size} allowed")
+        await ensure_room(incoming.parent, needed, f"a snapshot that takes {needed} bytes with its index")
 
     @contextlib.asynccontextmanager
     async def _bundle(self, manifest: Manifest) -> AsyncIterator[tuple[ObjectInfo, AsyncIterator[bytes]]]:
