@@ -22,6 +22,7 @@ from proxy.config.mirror import SnapshotsConfig
 from proxy.metrics import Metrics
 from proxy.mirror import snapshots as snapshots_module
 from proxy.mirror.fill import MirrorFiller
+from proxy.mirror.gitrun import MirrorGit
 from proxy.mirror.objectstore import StoreTimeout
 from proxy.mirror.snapshot_format import Manifest, Namespace, refs_digest
 from proxy.mirror.snapshot_unpack import BUCKET_WINDOW, IndexPack, Progress
@@ -131,7 +132,7 @@ def test_a_bucket_under_the_floor_is_given_up_and_gits_time_is_not_the_buckets()
 
 async def test_a_restore_cancelled_while_git_is_slow_writes_nothing_after_it_closes(tmp_path: Path) -> None:
     mirror = tmp_path / "mirror.git"
-    mirror.mkdir()
+    assert (await MirrorGit(tmp_path / "home", None).init_bare(mirror)).returncode == 0
     indexing = await IndexPack.start(mirror, 64 << 20, dict(os.environ))
     os.kill(indexing._process.pid, signal.SIGSTOP)  # git reads nothing: the pipe fills, the write blocks
     feeding = asyncio.create_task(indexing.feed(b"PACK" + os.urandom(16 << 20)))
@@ -242,3 +243,28 @@ async def test_a_pack_whose_index_would_not_fit_is_refused_before_git_reads_it(
     assert restored is None and not incoming.exists()
     assert replica.metrics.restores("refused") == 1
     assert "its pack and index would take 3200" in warnings(caplog)[0]
+
+
+def test_a_steady_bucket_is_not_cut_while_a_long_bundle_header_arrives() -> None:
+    clock = Clock()
+    progress = Progress(clock)
+    for _ in range(120):  # two minutes of header chunks (a repo with many refs) at 64 KiB/s: twice the floor
+        clock.now += 1.0
+        progress.on_bucket(64 * 1024)
+
+
+async def test_a_snapshot_refused_for_gits_time_is_tried_again_later(
+    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshots_module, "SLOW_REFUSAL", 0.0)  # "later" is now: the replica may have been busy
+    bucket = s3.make_bucket("slow-once")
+    bundle, refs = inflating_bundle(1 << 30)
+    publish_by_hand(s3, bucket, "p", bundle, refs)
+    replica = Replica(tmp_path / "r", SnapshotsConfig(url=f"s3://{bucket}/p", endpoint=s3.endpoint,
+                                                      restore_timeout=0.5), ADMIN)  # fmt: skip
+    try:
+        for _ in range(2):
+            assert (await replica.restore())[0] is None
+    finally:
+        await replica.snapshots.close()
+    assert len(warnings(caplog)) == 2  # downloaded and checked again, not refused from memory

@@ -38,7 +38,9 @@ class Progress:
 
     def on_bucket(self, received: int) -> None:
         """A chunk came from the bucket. StoreTimeout when the bucket has fallen under the floor."""
-        self._window_waited += self._clock() - self._since
+        now = self._clock()
+        self._window_waited += now - self._since
+        self._since = now  # the next wait starts here, whether git takes this chunk or it is kept (the header's)
         self._window_bytes += received
         if self._window_waited >= BUCKET_WINDOW:
             if self._window_bytes < MIN_BUCKET_BYTES:
@@ -98,6 +100,8 @@ class IndexPack:
         write is awaited shielded: cancelled here, it still ends before `close` lets go of the pipe."""
         assert self._pipe is not None
         self._writing = asyncio.ensure_future(asyncio.to_thread(_hash_and_write, digest, self._pipe, data))
+        # A write that fails once nobody awaits it (feed cancelled, git killed by close) is expected: not logged.
+        self._writing.add_done_callback(_retrieve)
         try:
             await asyncio.shield(self._writing)
         except BrokenPipeError:
@@ -140,3 +144,8 @@ def _hash_and_write(digest: Hash | None, pipe: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(pipe, view) :]
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

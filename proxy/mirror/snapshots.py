@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ RestoreResult = Literal["restored", "missing", "refused", "failed", "skipped"]
 # A manifest is at most 64 KiB: a store that takes longer than this to send one is failing, whatever restoreTimeout
 # allows the bundle.
 MANIFEST_TIMEOUT = 10.0
+# A snapshot git took too long to check is tried again after this: the replica may only have been busy then.
+SLOW_REFUSAL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Snapshots:
         self._metrics = metrics
         self._max_size = min(settings.max_snapshot_size, mirror_max_size)
         self._health = BucketHealth("restores")
-        self._refused: BoundedDict[tuple[str, str], str] = BoundedDict(10_000)  # (key, sha256) -> why
+        # (key, sha256) -> why, and until when (time.monotonic(); inf: for as long as the process lives)
+        self._refused: BoundedDict[tuple[str, str], tuple[str, float]] = BoundedDict(10_000)
         self.where = f"s3://{settings.bucket}/{settings.prefix}"
         self.publisher = SnapshotPublisher(settings, store, git, mirrors, metrics, self._max_size, leases, self.where)
 
@@ -126,8 +131,8 @@ class Snapshots:
             if progress.waiting_on == "git" and progress.snapshot is not None:
                 # The snapshot's cost, not the bucket's pace (a pack that inflates a thousandfold): that snapshot
                 # is not tried again, and the bucket stays in use for every other repo.
-                self._refuse(key, progress.snapshot, f"git took longer than restoreTimeout "
-                             f"({self.settings.restore_timeout:g} s) to check it")  # fmt: skip
+                slow = f"git took longer than restoreTimeout ({self.settings.restore_timeout:g} s) to check it"
+                self._refuse(key, progress.snapshot, slow, for_seconds=SLOW_REFUSAL)
                 result = "refused"
             else:
                 self._health.failed(error, breaks=True)  # a slow bucket: the next restores skip it for a while
@@ -155,7 +160,7 @@ class Snapshots:
             raise self._refuse(namespace.key, f"manifest {hashlib.sha256(data).hexdigest()}",
                                "its manifest is malformed, or names another repo or bundle")  # fmt: skip
         progress.snapshot = manifest.sha256
-        why = self._refused.get((namespace.key, manifest.sha256))
+        why = self._still_refused(namespace.key, manifest.sha256)
         if why is not None:
             raise SnapshotRefused(why)  # logged when it was first refused; not downloaded again
         if manifest.size > self._max_size:
@@ -251,10 +256,21 @@ class Snapshots:
         clean = stats.get("count") == "0" and stats.get("in-pack") == walked.stdout.decode().strip()
         return RestoredSnapshot(sorted({oid for oid, _ in refs}), clean, manifest.size)
 
-    def _refuse(self, key: str, snapshot: str, why: str) -> SnapshotRefused:
-        """Logged once per snapshot (not per request), and that snapshot is not downloaded again."""
-        if (key, snapshot) not in self._refused:
+    def _refuse(self, key: str, snapshot: str, why: str, for_seconds: float = math.inf) -> SnapshotRefused:
+        """Logged once per snapshot (not per request), and that snapshot is not downloaded again (for `for_seconds`
+        when the refusal may be this replica's moment rather than the snapshot's fault)."""
+        if self._still_refused(key, snapshot) is None:
             log.warning("snapshot of %s in %s refused: %s; the mirror fills from upstream (logged once per snapshot)",
                         key, self.where, why)  # fmt: skip
-            self._refused[(key, snapshot)] = why
+            self._refused[(key, snapshot)] = (why, time.monotonic() + for_seconds)
         return SnapshotRefused(why)
+
+    def _still_refused(self, key: str, snapshot: str) -> str | None:
+        refused = self._refused.get((key, snapshot))
+        if refused is None:
+            return None
+        why, until = refused
+        if time.monotonic() < until:
+            return why
+        del self._refused[(key, snapshot)]
+        return None
