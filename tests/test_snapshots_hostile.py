@@ -175,6 +175,16 @@ def inflating_bundle(inflated: int) -> tuple[bytes, list[tuple[str, str]]]:
     return b"# v2 git bundle\n" + "".join(f"{oid} {name}\n" for oid, name in refs).encode() + b"\n" + pack, refs
 
 
+@pytest.fixture(scope="module")
+def bomb() -> tuple[bytes, list[tuple[str, str]]]:
+    return inflating_bundle(1 << 30)  # 1 GiB to inflate and hash: seconds of git for 1 MiB of bucket
+
+
+def slow_replica(tmp_path: Path, s3: SeaweedS3, bucket: str) -> Replica:
+    return Replica(tmp_path / "r", SnapshotsConfig(url=f"s3://{bucket}/p", endpoint=s3.endpoint, restore_timeout=1.0),
+                   ADMIN)  # fmt: skip
+
+
 def publish_by_hand(s3: SeaweedS3, bucket: str, prefix: str, bundle: bytes, refs: list[tuple[str, str]]) -> None:
     namespace = Namespace.of(prefix, KEY)
     object_key = namespace.new_bundle_key()
@@ -186,14 +196,13 @@ def publish_by_hand(s3: SeaweedS3, bucket: str, prefix: str, bundle: bytes, refs
 
 
 async def test_a_snapshot_that_costs_git_more_than_restore_timeout_is_refused_and_the_bucket_stays_in_use(
-    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture, bomb: tuple[bytes, list[tuple[str, str]]]
 ) -> None:
     bucket = s3.make_bucket("bombs")
-    bundle, refs = inflating_bundle(1 << 30)  # 1 GiB to inflate and hash: seconds of git for 1 MiB of bucket
-    publish_by_hand(s3, bucket, "p", bundle, refs)
-    replica = Replica(tmp_path / "r", SnapshotsConfig(url=f"s3://{bucket}/p", endpoint=s3.endpoint,
-                                                      restore_timeout=0.5), ADMIN)  # fmt: skip
+    publish_by_hand(s3, bucket, "p", *bomb)
+    replica = slow_replica(tmp_path, s3, bucket)
     try:
+        await replica.snapshots.prepare()  # the S3 client's start (botocore's import) is no part of the budget
         for _ in range(2):
             restored, incoming = await replica.restore()
             assert restored is None and not incoming.exists()
@@ -254,17 +263,36 @@ def test_a_steady_bucket_is_not_cut_while_a_long_bundle_header_arrives() -> None
 
 
 async def test_a_snapshot_refused_for_gits_time_is_tried_again_later(
-    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    s3: SeaweedS3, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    bomb: tuple[bytes, list[tuple[str, str]]],
+) -> None:  # fmt: skip
     monkeypatch.setattr(snapshots_module, "SLOW_REFUSAL", 0.0)  # "later" is now: the replica may have been busy
     bucket = s3.make_bucket("slow-once")
-    bundle, refs = inflating_bundle(1 << 30)
-    publish_by_hand(s3, bucket, "p", bundle, refs)
-    replica = Replica(tmp_path / "r", SnapshotsConfig(url=f"s3://{bucket}/p", endpoint=s3.endpoint,
-                                                      restore_timeout=0.5), ADMIN)  # fmt: skip
+    publish_by_hand(s3, bucket, "p", *bomb)
+    replica = slow_replica(tmp_path, s3, bucket)
     try:
+        await replica.snapshots.prepare()
         for _ in range(2):
             assert (await replica.restore())[0] is None
     finally:
         await replica.snapshots.close()
     assert len(warnings(caplog)) == 2  # downloaded and checked again, not refused from memory
+
+
+def test_git_is_blamed_for_a_timeout_only_when_it_took_half_the_budget() -> None:
+    clock = Clock()
+    slow_bucket = Progress(clock)
+    clock.now += 25  # the bucket took most of the budget
+    slow_bucket.on_bucket(1 << 20)
+    slow_bucket.on_git()
+    clock.now += 5
+    assert not slow_bucket.git_was_the_cost(30)
+    slow_git = Progress(clock)
+    slow_git.on_bucket(1 << 20)
+    slow_git.on_git()
+    clock.now += 20
+    slow_git.back_to_bucket()
+    slow_git.on_bucket(1 << 20)
+    slow_git.on_git()
+    clock.now += 5
+    assert slow_git.git_was_the_cost(30)

@@ -35,6 +35,8 @@ class Progress:
         self._since = clock()
         self._window_waited = 0.0
         self._window_bytes = 0
+        self._git_seconds = 0.0
+        self._git_since = 0.0
 
     def on_bucket(self, received: int) -> None:
         """A chunk came from the bucket. StoreTimeout when the bucket has fallen under the floor."""
@@ -49,11 +51,23 @@ class Progress:
 
     def on_git(self) -> None:
         """Writing to git (the pipe stays full while git is busy), or waiting for it to end: git's time."""
+        if self.waiting_on != "git":
+            self._git_since = self._clock()
         self.waiting_on = "git"
 
     def back_to_bucket(self) -> None:
+        now = self._clock()
+        if self.waiting_on == "git":
+            self._git_seconds += now - self._git_since
         self.waiting_on = "bucket"
-        self._since = self._clock()
+        self._since = now
+
+    def git_was_the_cost(self, budget: float) -> bool:
+        """When the budget ran out: was it git's doing? Only if git was at work then and took at least half of it,
+        so that a bucket that spent most of the time is not excused by git's last seconds."""
+        if self.waiting_on != "git":
+            return False
+        return self._git_seconds + self._clock() - self._git_since >= budget / 2
 
 
 async def _tail(stream: asyncio.StreamReader, keep: int = 4096) -> bytes:
@@ -110,6 +124,8 @@ class IndexPack:
 
     async def finish(self) -> str | None:
         """End of input; None if index-pack accepted the pack, else its last words."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait([self._writing])  # the pipe is closed after the last write, never under it
         self._close_pipe()
         if await self._process.wait() == 0:
             return None

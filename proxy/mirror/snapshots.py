@@ -128,7 +128,7 @@ class Snapshots:
         except SnapshotRefused:
             result = "refused"
         except TimeoutError as error:
-            if progress.waiting_on == "git" and progress.snapshot is not None:
+            if progress.git_was_the_cost(self.settings.restore_timeout) and progress.snapshot is not None:
                 # The snapshot's cost, not the bucket's pace (a pack that inflates a thousandfold): that snapshot
                 # is not tried again, and the bucket stays in use for every other repo.
                 slow = f"git took longer than restoreTimeout ({self.settings.restore_timeout:g} s) to check it"

@@ -112,6 +112,19 @@ async def test_a_get_with_a_body_never_reaches_upstream(start_proxy: StartProxy,
     assert trap.accepted == 0
 
 
+async def test_headers_are_bounded_in_number_and_size_and_never_reach_upstream_past_the_bounds(
+    start_proxy: StartProxy, trap: TrapServer
+) -> None:
+    """32 headers of at most 16 KiB: room for git's dozen and a signed identity, and at most 512 KiB a request held
+    for an unauthenticated client (500 idle clients sending 100 headers of 16 KiB took 1.6 GB)."""
+    proxy = await start_proxy(config_for(f"http://127.0.0.1:{trap.port}"))
+    many = {f"X-Extra-{n}": "v" for n in range(40)}
+    assert (await raw_request(proxy, INFO_REFS, headers=many))[0] == 400
+    huge = {"X-Extra": "v" * (17 * 1024)}
+    assert (await raw_request(proxy, INFO_REFS, headers=huge))[0] == 400
+    assert trap.accepted == 0
+
+
 async def test_a_streamed_body_cut_short_never_leaves_a_connection_in_the_pool(
     start_proxy: StartProxy, upstream_app: UpstreamApp
 ) -> None:
