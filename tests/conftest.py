@@ -17,6 +17,7 @@ from proxy.testing import FakeGitHub, generate_app_key, pkcs1_pem
 from proxy.testing.fake_lfs import FakeLfs
 from proxy.testing.process import ServeProcess, kill_all
 from proxy.testing.redis import RedisServer
+from proxy.testing.s3 import SeaweedS3
 from tests.support import PRIVATE_FILES, STATIC_TOKEN, AcmeApp, Git, Replicas, StartProxy, TrapServer, UpstreamApp
 
 
@@ -128,3 +129,10 @@ async def lfs(fake_github: FakeGitHub, private_repo: str, tmp_path: Path) -> Asy
     fake_github.lfs = storage
     yield storage
     await storage.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3-compatible server (SeaweedFS) for the whole run: each test makes buckets of its own."""
+    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server

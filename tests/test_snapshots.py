@@ -13,7 +13,6 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,12 +46,6 @@ from proxy.testing.s3 import ADMIN, NOBODY, READER, S3Identity, SeaweedS3
 
 ROOT = Path(__file__).parent.parent
 A, B = "a" * 40, "b" * 40
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture

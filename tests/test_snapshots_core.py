@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,6 @@ class Replica:
         await self.mirrors.prepare()
         incoming = await self.mirrors.incoming_path(self.mirrors.slot(key))
         return await self.snapshots.restore(key, incoming), incoming
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture

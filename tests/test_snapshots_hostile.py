@@ -11,7 +11,7 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -148,12 +148,6 @@ async def test_a_restore_cancelled_while_git_is_slow_writes_nothing_after_it_clo
 
 
 # ---------------------------------------------------------------- against the real bucket
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 def inflating_bundle(inflated: int) -> tuple[bytes, list[tuple[str, str]]]:

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,6 @@ pytestmark = [
 
 REPO = "acme/private"
 BLOB_BYTES = 4 * (1 << 20)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture
