@@ -91,7 +91,7 @@ def load_key(path: Path) -> SigningKey | PublicKey:
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, UnsupportedAlgorithm):
-            raise GrantError(f"{path} is not a PEM key (-----BEGIN PRIVATE KEY----- or PUBLIC KEY)") from None
+            raise GrantError(f"{path} is not a PEM key (a PRIVATE KEY or PUBLIC KEY block)") from None
     if not isinstance(key, SigningKey | PublicKey):
         raise GrantError(f"{path}: an {type(key).__name__}; use an EC (P-256), Ed25519 or RSA (2048+) key")
     signing_algorithm(key)  # refuse a small RSA key or another curve now, with the reason

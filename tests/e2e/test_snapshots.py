@@ -16,17 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import MirrorConfig
 from proxy.running import PROXY
 from proxy.testing import FakeGitHub
 from proxy.testing.s3 import ADMIN, NOBODY, S3Identity, SeaweedS3
 from tests.e2e.nested_upstream import NestedUpstream, static_entry
 from tests.support import PRIVATE_FILES, STATIC_TOKEN, Git, Replicas, static_config
 
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif("snapshots" not in MirrorConfig.model_fields, reason="mirror.snapshots is not wired yet"),
-]
+pytestmark = pytest.mark.timeout(300)
 
 REPO = "acme/private"
 BLOB_BYTES = 4 * (1 << 20)
