@@ -20,6 +20,7 @@ from .upstream import credential_for
 if TYPE_CHECKING:
     from ..push.ancestry import Ancestry, CompareFn
     from ..push.gate import PassOn
+    from ..push.outcome import UpstreamReport
     from ..push.rules import BoundPolicy
 
 __all__ = ["police_receive_pack", "policies_for", "read_push_report", "refuse_lfs_outside_policy"]
@@ -79,19 +80,25 @@ async def police_receive_pack(exchange: Exchange, client: Client | None) -> Pass
     return web.Response(status=outcome.status, headers=headers, body=outcome.body)
 
 
-async def read_push_report(
+def read_push_report(
     exchange: Exchange, body: object, chunks: AsyncIterator[tuple[bytes, bool]]
 ) -> AsyncIterator[tuple[bytes, bool]]:
     """Upstream's answer to a push a policy let through, passed on unchanged while its report (`ok` / `ng <ref>
-    <reason>`) is read for the audit line: each ref's result becomes upstream's own."""
+    <reason>`) is read for the audit line: each ref's result becomes upstream's own. Any other answer (a clone's
+    pack) is `chunks` itself: no extra step per chunk."""
     commands = getattr(body, "commands", None)
     if commands is None or not commands.updates or exchange.push_refs is None:
-        async for item in chunks:
-            yield item
-        return
+        return chunks
     from ..push.outcome import UpstreamReport
 
     report = UpstreamReport([update.ref for update in commands.updates], commands.capabilities)
+    return _reading_report(exchange, report, chunks)
+
+
+async def _reading_report(
+    exchange: Exchange, report: UpstreamReport, chunks: AsyncIterator[tuple[bytes, bool]]
+) -> AsyncIterator[tuple[bytes, bool]]:
+    assert exchange.push_refs is not None
     try:
         async for chunk, last in chunks:
             report.feed(chunk)
