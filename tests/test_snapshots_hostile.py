@@ -11,8 +11,6 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -27,28 +25,11 @@ from proxy.mirror.objectstore import StoreTimeout
 from proxy.mirror.snapshot_format import Manifest, Namespace, refs_digest
 from proxy.mirror.snapshot_unpack import BUCKET_WINDOW, IndexPack, Progress
 from proxy.testing import FakeGitHub
-from proxy.testing.process import free_port
 from proxy.testing.s3 import ADMIN, SeaweedS3
+from tests.support import UpstreamApp
 from tests.test_snapshots_core import KEY, TOKEN, Replica, warnings
 
 pytestmark = pytest.mark.timeout(180)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@asynccontextmanager
-async def raw_store(handler: Handler) -> AsyncIterator[str]:
-    """An HTTP server on loopback answering every request with `handler`: a storage host that says what it likes."""
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handler)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def replica_of(tmp_path: Path, endpoint: str, **settings: object) -> Replica:
@@ -58,7 +39,7 @@ def replica_of(tmp_path: Path, endpoint: str, **settings: object) -> Replica:
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_a_store_that_redirects_fails_the_restore_and_nothing_follows_the_redirect(
-    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture, upstream_app: UpstreamApp
 ) -> None:
     seen: list[dict[str, str]] = []
 
@@ -66,17 +47,16 @@ async def test_a_store_that_redirects_fails_the_restore_and_nothing_follows_the_
         seen.append(dict(request.headers))
         return web.Response(status=404)
 
-    async with raw_store(elsewhere) as other:
+    other = await upstream_app(elsewhere)
 
-        async def redirecting(request: web.Request) -> web.Response:
-            return web.Response(status=status, headers={"Location": other + request.path_qs})
+    async def redirecting(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": other + request.path_qs})
 
-        async with raw_store(redirecting) as endpoint:
-            replica = replica_of(tmp_path, endpoint)
-            try:
-                restored, incoming = await replica.restore()
-            finally:
-                await replica.snapshots.close()
+    replica = replica_of(tmp_path, await upstream_app(redirecting))  # a storage host that says what it likes
+    try:
+        restored, incoming = await replica.restore()
+    finally:
+        await replica.snapshots.close()
     assert restored is None and not incoming.exists()
     assert seen == []  # no request, so no signature and no session token, reached the other host
     assert replica.metrics.restores("failed") == 1
@@ -84,7 +64,7 @@ async def test_a_store_that_redirects_fails_the_restore_and_nothing_follows_the_
 
 
 async def test_a_store_that_trickles_fails_within_the_manifest_deadline_and_the_next_restores_skip_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_app: UpstreamApp
 ) -> None:
     async def trickling(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"Content-Length": "60000"})
@@ -94,15 +74,14 @@ async def test_a_store_that_trickles_fails_within_the_manifest_deadline_and_the_
             await asyncio.sleep(0.1)
 
     monkeypatch.setattr(snapshots_module, "MANIFEST_TIMEOUT", 0.5)
-    async with raw_store(trickling) as endpoint:
-        replica = replica_of(tmp_path, endpoint)
-        try:
-            started = time.monotonic()
-            assert (await replica.restore())[0] is None
-            assert time.monotonic() - started < 30  # not restoreTimeout's 300 s
-            assert (await replica.restore("github.com/acme/other"))[0] is None
-        finally:
-            await replica.snapshots.close()
+    replica = replica_of(tmp_path, await upstream_app(trickling))
+    try:
+        started = time.monotonic()
+        assert (await replica.restore())[0] is None
+        assert time.monotonic() - started < 30  # not restoreTimeout's 300 s
+        assert (await replica.restore("github.com/acme/other"))[0] is None
+    finally:
+        await replica.snapshots.close()
     assert replica.metrics.restores("failed") == 1 and replica.metrics.restores("skipped") == 1
 
 
